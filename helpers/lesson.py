@@ -1,0 +1,239 @@
+"""A lesson's database context: its own schema, the kernel's shared pool, cleanup.
+
+Every notebook's setup cell is::
+
+    lesson = await start_lesson("02-pooling")
+
+which finds the database (``DATABASE_URL`` or the embedded server), makes sure the seed data is
+loaded, creates a schema unique to this run (``lesson_02_<random>``) and opens the shared pool
+with ``search_path`` set to that schema, then ``shop``. Running the setup cell again closes the
+previous lesson first (its pools and its schema), so nothing leaks. The notebook's last cell is
+``await lesson.close()``.
+
+Two learners on one server, or two runs at once, never collide: each run has its own schema,
+and its connections carry ``application_name = course/<lesson>`` so monitoring can tell them
+apart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import re
+import secrets
+import time
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+from .connect import connect, execute_ddl, explain
+from .errors import CourseError
+from .seed import SeedInfo, ensure_seed
+from .target import Target, resolve
+
+#: Lesson schemas older than this are left-overs of crashed runs and are dropped at setup.
+STALE_AFTER_S = 12 * 3600
+SCHEMA_PREFIX = "lesson_"
+#: Where ``make run`` collects the headline figures that notebooks record.
+FIGURES_ENV = "PGCOURSE_FIGURES_DIR"
+
+_current: Lesson | None = None
+
+
+class Lesson:
+    """One run of one notebook: a schema, the shared pool, and everything to clean up."""
+
+    def __init__(self, lesson_id: str, target: Target, schema: str, seed: SeedInfo) -> None:
+        self.id = lesson_id
+        self.target = target
+        self.schema = schema
+        self.seed = seed
+        self.application_name = f"course/{lesson_id}"[:63]
+        self.pool: asyncpg.Pool | None = None
+        self._pools: list[asyncpg.Pool] = []
+        self._connections: list[asyncpg.Connection] = []
+        self._roles: list[str] = []
+        self.figures: dict[str, dict[str, Any]] = {}
+        self.closed = False
+
+    # -- connecting ----------------------------------------------------------------------------
+
+    @property
+    def dsn(self) -> str:
+        """The connection URL. In an application this is ``os.environ["DATABASE_URL"]``."""
+        return self.target.url
+
+    def server_settings(self, **extra: str) -> dict[str, str]:
+        """``server_settings`` that put a connection in this lesson's schema (then ``shop``)."""
+        return {"search_path": f"{self.schema}, shop, public",
+                "application_name": self.application_name, **extra}
+
+    async def connect(self, **kwargs: Any) -> asyncpg.Connection:
+        """A new connection in the lesson's schema; closed by :meth:`close` if you forget."""
+        kwargs["server_settings"] = self.server_settings(**kwargs.get("server_settings", {}))
+        conn = await connect(self.target, **kwargs)
+        self._connections.append(conn)
+        return conn
+
+    async def create_pool(self, **kwargs: Any) -> asyncpg.Pool:
+        """``asyncpg.create_pool`` in the lesson's schema; closed by :meth:`close`."""
+        kwargs["server_settings"] = self.server_settings(**kwargs.get("server_settings", {}))
+        kwargs.setdefault("timeout", 5.0)
+        try:
+            pool = await asyncpg.create_pool(self.target.url, **kwargs)
+        except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
+            raise explain(exc, self.target) from None
+        self._pools.append(pool)
+        return pool
+
+    async def create_role(self, suffix: str, **options: str) -> tuple[str, str]:
+        """A throw-away login role for this run (dropped by :meth:`close`): (name, password).
+
+        ``options`` are role attributes, e.g. ``connection_limit="2"``.
+        """
+        name = f"{self.schema}_{suffix}"[:63]
+        password = secrets.token_urlsafe(16)
+        attrs = " ".join(f"{k.upper().replace('_', ' ')} {int(v)}" for k, v in options.items())
+        conn = await connect(self.target)
+        try:
+            await execute_ddl(conn, f"CREATE ROLE %I LOGIN PASSWORD %L {attrs}", name, password)
+            await execute_ddl(conn, "GRANT USAGE ON SCHEMA %I, shop TO %I", self.schema, name)
+            await execute_ddl(conn, "GRANT SELECT ON ALL TABLES IN SCHEMA shop TO %I", name)
+        finally:
+            await conn.close()
+        self._roles.append(name)
+        return name, password
+
+    def url_for(self, user: str, password: str) -> str:
+        """The lesson's URL with another role's credentials (for :meth:`create_role`)."""
+        from urllib.parse import quote, urlsplit, urlunsplit
+
+        parts = urlsplit(self.target.url)
+        host = parts.netloc.rsplit("@", 1)[-1]
+        netloc = f"{quote(user, safe='')}:{quote(password, safe='')}@{host}"
+        return urlunsplit(parts._replace(netloc=netloc))
+
+    # -- reporting -----------------------------------------------------------------------------
+
+    def record(self, key: str, value: float, unit: str = "", label: str = "") -> None:
+        """Keep a headline figure (``make run`` prints them in its summary)."""
+        self.figures[key] = {"value": float(value), "unit": unit, "label": label or key}
+        folder = os.environ.get(FIGURES_ENV)
+        if folder:
+            path = Path(folder) / f"{self.id}.json"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(self.figures, indent=2))
+
+    def describe(self) -> str:
+        """What the setup cell prints: where the database is and which schema is ours."""
+        return (f"database: {self.target.describe()}\n"
+                f"schema:   {self.schema} (dropped at cleanup)\n"
+                f"seed:     shop.users {self.seed.rows['users']:,} rows, "
+                f"shop.orders {self.seed.rows['orders']:,} rows")
+
+    # -- cleanup -------------------------------------------------------------------------------
+
+    async def close(self) -> None:
+        """Close every pool and connection of this lesson and drop its schema and roles."""
+        global _current
+        if self.closed:
+            return
+        self.closed = True
+        for pool in self._pools:
+            await close_pool(pool)
+        for conn in self._connections:
+            if not conn.is_closed():
+                conn.terminate()
+        conn = await connect(self.target)
+        try:
+            await execute_ddl(conn, "DROP SCHEMA IF EXISTS %I CASCADE", self.schema)
+            for role in self._roles:
+                await conn.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = $1",
+                    role,
+                )
+                await execute_ddl(conn, "DROP OWNED BY %I", role)  # its grants, too
+                await execute_ddl(conn, "DROP ROLE IF EXISTS %I", role)
+        finally:
+            await conn.close()
+        if _current is self:
+            _current = None
+
+
+async def close_pool(pool: asyncpg.Pool, timeout: float = 5.0) -> None:
+    """Close a pool gracefully; if a connection is never released, terminate it after ``timeout``.
+
+    ``pool.close()`` waits for every acquired connection to come back, forever by default.
+    """
+    if pool.is_closing():
+        return
+    try:
+        await asyncio.wait_for(pool.close(), timeout)
+    except (TimeoutError, asyncpg.PostgresError, OSError):
+        pool.terminate()
+
+
+def _slug(lesson_id: str) -> str:
+    match = re.match(r"(\d+)", lesson_id)
+    return match.group(1) if match else re.sub(r"\W+", "_", lesson_id.lower())[:12]
+
+
+async def _drop_stale_schemas(conn: asyncpg.Connection) -> list[str]:
+    """Drop lesson schemas left by runs that died before cleanup (older than STALE_AFTER_S)."""
+    rows = await conn.fetch(
+        "SELECT nspname, obj_description(oid, 'pg_namespace') AS note FROM pg_namespace "
+        "WHERE nspname LIKE $1", SCHEMA_PREFIX + "%",
+    )
+    dropped = []
+    for row in rows:
+        with contextlib.suppress(TypeError, ValueError, json.JSONDecodeError):
+            created = json.loads(row["note"] or "{}").get("created", 0)
+            if time.time() - float(created) > STALE_AFTER_S:
+                await execute_ddl(conn, "DROP SCHEMA IF EXISTS %I CASCADE", row["nspname"])
+                dropped.append(row["nspname"])
+    return dropped
+
+
+async def start_lesson(
+    lesson_id: str, *, pool: bool = True, min_size: int = 2, max_size: int = 10,
+    **pool_kwargs: Any,
+) -> Lesson:
+    """Set up a lesson: database, seed data, a fresh schema and (by default) the shared pool.
+
+    Calling it again in the same kernel first closes the previous lesson (pools, schema), so
+    re-running a setup cell never leaks connections.
+    """
+    global _current
+    if _current is not None:
+        previous, _current = _current, None
+        await previous.close()
+    try:
+        target = await asyncio.wait_for(asyncio.to_thread(resolve), 90)
+    except TimeoutError:
+        raise CourseError("Starting the embedded PostgreSQL took over 90 s.",
+                          "See .pgcourse/server.log, or set DATABASE_URL.") from None
+    conn = await connect(target)
+    try:
+        seed = await ensure_seed(conn)
+        await _drop_stale_schemas(conn)
+        schema = f"{SCHEMA_PREFIX}{_slug(lesson_id)}_{secrets.token_hex(3)}"
+        await execute_ddl(conn, "CREATE SCHEMA %I", schema)
+        note = json.dumps({"lesson": lesson_id, "created": time.time()})
+        await execute_ddl(conn, "COMMENT ON SCHEMA %I IS %L", schema, note)
+    finally:
+        await conn.close()
+    lesson = Lesson(lesson_id, target, schema, seed)
+    _current = lesson
+    if pool:
+        lesson.pool = await lesson.create_pool(min_size=min_size, max_size=max_size,
+                                               **pool_kwargs)
+    return lesson
+
+
+def current_lesson() -> Lesson | None:
+    """The lesson this kernel set up last (None before setup or after cleanup)."""
+    return _current
+
