@@ -1,0 +1,123 @@
+"""Lessons: own schema per run, one shared pool per kernel, cleanup leaves nothing behind."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import asyncpg
+
+from helpers.connect import connect, execute_ddl
+from helpers.lesson import STALE_AFTER_S, start_lesson
+from tests.conftest import run
+
+
+async def _count_connections(target, app: str) -> int:
+    conn = await connect(target)
+    try:
+        return await conn.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1", app)
+    finally:
+        await conn.close()
+
+
+async def _schema_exists(target, schema: str) -> bool:
+    conn = await connect(target)
+    try:
+        return await conn.fetchval("SELECT to_regnamespace($1) IS NOT NULL", schema)
+    finally:
+        await conn.close()
+
+
+def test_two_runs_have_separate_schemas(target) -> None:
+    async def scenario():
+        a = await start_lesson("97-isolation", min_size=1, max_size=2)
+        # A second learner on the same server: in another process in real life; here the
+        # module-level "current lesson" would close `a`, so build the second one by hand.
+        import helpers.lesson as lesson_module
+        lesson_module._current = None
+        b = await start_lesson("97-isolation", min_size=1, max_size=2)
+        try:
+            assert a.schema != b.schema
+            await a.pool.execute("CREATE TABLE items (id int)")
+            await a.pool.execute("INSERT INTO items VALUES (1)")
+            await b.pool.execute("CREATE TABLE items (id int)")
+            assert await a.pool.fetchval("SELECT count(*) FROM items") == 1
+            assert await b.pool.fetchval("SELECT count(*) FROM items") == 0
+            assert await b.pool.fetchval("SELECT count(*) FROM users") == 100_000  # shop seed
+        finally:
+            await a.close()
+            await b.close()
+        assert not await _schema_exists(target, a.schema)
+        assert not await _schema_exists(target, b.schema)
+    run(scenario())
+
+
+def test_rerunning_setup_replaces_the_pool_without_leaks(target) -> None:
+    async def scenario():
+        first = await start_lesson("96-rerun", min_size=3, max_size=3)
+        assert await _count_connections(target, first.application_name) == 3
+        second = await start_lesson("96-rerun", min_size=3, max_size=3)
+        assert first.pool.is_closing() and first.closed
+        assert not await _schema_exists(target, first.schema)
+        assert await _count_connections(target, second.application_name) == 3
+        extra = await second.create_pool(min_size=2, max_size=2)
+        conn = await second.connect()
+        assert await conn.fetchval("SHOW search_path") == f"{second.schema}, shop, public"
+        await second.close()
+        assert extra.is_closing() and conn.is_closed()
+        assert await _count_connections(target, second.application_name) == 0
+    run(scenario())
+
+
+def test_close_survives_an_unreleased_connection(target) -> None:
+    async def scenario():
+        lesson = await start_lesson("95-leak", min_size=1, max_size=1)
+        await lesson.pool.acquire()  # never released: pool.close() alone would wait forever
+        t0 = time.perf_counter()
+        await lesson.close()
+        assert time.perf_counter() - t0 < 15
+        assert await _count_connections(target, lesson.application_name) == 0
+    run(scenario())
+
+
+def test_roles_are_dropped(target) -> None:
+    async def scenario():
+        lesson = await start_lesson("94-roles", pool=False)
+        name, password = await lesson.create_role("limited", connection_limit="1")
+        conn = await asyncpg.connect(lesson.url_for(name, password))
+        await conn.close()
+        await lesson.close()
+        admin = await connect(target)
+        try:
+            assert not await admin.fetchval("SELECT count(*) FROM pg_roles WHERE rolname=$1", name)
+        finally:
+            await admin.close()
+    run(scenario())
+
+
+def test_stale_schemas_from_crashed_runs_are_dropped(target) -> None:
+    async def scenario():
+        conn = await connect(target)
+        old = f"lesson_93_stale{int(time.time()) % 10000}"
+        try:
+            await execute_ddl(conn, "CREATE SCHEMA %I", old)
+            note = json.dumps({"lesson": "93", "created": time.time() - STALE_AFTER_S - 60})
+            await execute_ddl(conn, "COMMENT ON SCHEMA %I IS %L", old, note)
+        finally:
+            await conn.close()
+        lesson = await start_lesson("93-stale", pool=False)
+        await lesson.close()
+        assert not await _schema_exists(target, old)
+    run(scenario())
+
+
+def test_record_writes_figures(tmp_path, monkeypatch, target) -> None:
+    monkeypatch.setenv("PGCOURSE_FIGURES_DIR", str(tmp_path))
+    async def scenario():
+        lesson = await start_lesson("92-figures", pool=False)
+        lesson.record("speedup", 38.5, "x", "Pooling speed-up")
+        await lesson.close()
+    run(scenario())
+    data = json.loads((tmp_path / "92-figures.json").read_text())
+    assert data["speedup"]["value"] == 38.5
