@@ -1,0 +1,240 @@
+"""Load generation and timing: run R requests at concurrency C and record every one.
+
+:func:`run_load` is a closed-loop generator: C workers each take the next request number and
+await ``request(i)``, so exactly C requests are in flight until the last ones finish. Each
+request's start, latency and outcome (``ok``, or the exception's type name) go into a pandas
+DataFrame; :meth:`LoadResult.summary` turns that into requests/s and percentiles.
+
+Its own cost is two ``perf_counter()`` calls and a few list appends per request: measured
+against a bare ``asyncio.gather`` loop doing the same queries, it keeps about 95-100% of the
+throughput (``tests/test_load.py`` prints the ratio; notebook 02 shows it).
+
+:func:`compare` runs several variants *interleaved* (A, B, C, A, B, C, ...) so that a noisy
+machine slows them all alike; assert on the ratios it reports, never on absolute times.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import statistics
+import sys
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import pandas as pd
+
+#: A request: given the request number, do one unit of work (e.g. one query).
+Request = Callable[[int], Awaitable[Any]]
+
+
+def progress_enabled() -> bool:
+    """Progress bars show in an interactive session, never under CI, nbval or ``make run``."""
+    return os.environ.get("PGCOURSE_PROGRESS", "1") != "0" and not os.environ.get("CI")
+
+
+@dataclass
+class LoadResult:
+    """Every request of one run: a DataFrame plus what the run was."""
+
+    label: str
+    concurrency: int
+    wall_s: float
+    df: pd.DataFrame = field(repr=False)
+
+    @property
+    def ok(self) -> pd.DataFrame:
+        """The successful requests only."""
+        return self.df[self.df["ok"]]
+
+    @property
+    def errors(self) -> int:
+        return int((~self.df["ok"]).sum())
+
+    @property
+    def rps(self) -> float:
+        """Successful requests per second of wall time."""
+        return len(self.ok) / self.wall_s if self.wall_s > 0 else float("nan")
+
+    def percentile(self, q: float) -> float:
+        """Latency percentile in milliseconds over successful requests (q in 0..100)."""
+        ok = self.ok["latency_ms"]
+        return float(ok.quantile(q / 100)) if len(ok) else float("nan")
+
+    def summary(self) -> dict[str, Any]:
+        """Plain numbers: requests, concurrency, requests/s, p50/p95/p99 (ms), errors by type."""
+        return {
+            "label": self.label,
+            "concurrency": self.concurrency,
+            "requests": len(self.df),
+            "wall_s": round(self.wall_s, 4),
+            "rps": self.rps,
+            "p50_ms": self.percentile(50),
+            "p95_ms": self.percentile(95),
+            "p99_ms": self.percentile(99),
+            "errors": self.errors,
+            "error_types": dict(self.df.loc[~self.df["ok"], "outcome"].value_counts()),
+        }
+
+
+async def run_load(
+    request: Request,
+    *,
+    requests: int,
+    concurrency: int,
+    label: str = "",
+    progress: bool | None = None,
+) -> LoadResult:
+    """Run ``requests`` calls of ``request(i)`` with ``concurrency`` in flight; record each.
+
+    Exceptions do not stop the run: they are recorded as the request's outcome (the exception
+    type's name) so error rates can be plotted next to latencies.
+    """
+    if requests < 1 or concurrency < 1:
+        raise ValueError("requests and concurrency must be at least 1")
+    concurrency = min(concurrency, requests)
+    counter = itertools.count()
+    starts = [0.0] * requests
+    latencies = [0.0] * requests
+    outcomes = ["ok"] * requests
+    workers_of = [0] * requests
+    bar = _bar(requests, label) if (progress if progress is not None else progress_enabled()) \
+        else None
+    perf = time.perf_counter
+
+    async def worker(w: int) -> None:
+        while (i := next(counter)) < requests:
+            t0 = perf()
+            try:
+                await request(i)
+            except Exception as exc:  # recorded, not raised: errors are data here
+                outcomes[i] = type(exc).__name__
+            t1 = perf()
+            starts[i] = t0
+            latencies[i] = t1 - t0
+            workers_of[i] = w
+            if bar is not None:
+                bar.update()
+
+    begin = perf()
+    try:
+        await asyncio.gather(*(worker(w) for w in range(concurrency)))
+    finally:
+        if bar is not None:
+            bar.close()
+    wall = perf() - begin
+    df = pd.DataFrame({
+        "request": range(requests),
+        "worker": workers_of,
+        "start_s": [s - begin for s in starts],
+        "latency_ms": [x * 1000 for x in latencies],
+        "outcome": outcomes,
+    })
+    df["ok"] = df["outcome"] == "ok"
+    return LoadResult(label or f"c={concurrency}", concurrency, wall, df)
+
+
+def _bar(total: int, label: str):
+    from tqdm import tqdm
+
+    # delay: only runs longer than a couple of seconds show a bar at all
+    return tqdm(total=total, desc=label or "requests", delay=2.0, file=sys.stderr,
+                leave=False, mininterval=0.5)
+
+
+async def bare_gather(request: Request, *, requests: int, concurrency: int) -> float:
+    """The same work as :func:`run_load` with no recording at all; returns requests/s.
+
+    Used once to show that the load generator's own overhead does not distort the figures.
+    """
+    per_task = [requests // concurrency + (1 if w < requests % concurrency else 0)
+                for w in range(concurrency)]
+    offsets = list(itertools.accumulate([0, *per_task[:-1]]))
+
+    async def task(first: int, n: int) -> None:
+        for i in range(first, first + n):
+            await request(i)
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(task(o, n) for o, n in zip(offsets, per_task, strict=True)))
+    return requests / (time.perf_counter() - t0)
+
+
+async def compare(
+    variants: Mapping[str, Request],
+    *,
+    requests: int,
+    concurrency: int,
+    repeats: int = 3,
+    warmup: int = 0,
+) -> dict[str, LoadResult]:
+    """Run each variant ``repeats`` times, interleaved, and merge each variant's runs.
+
+    The merged result's ``wall_s`` is the sum of its runs' walls, so ``rps`` is the mean rate;
+    :func:`median_rps` gives the median of the per-run rates when one slow run should not count.
+    ``warmup`` requests per variant run first and are not recorded.
+    """
+    runs: dict[str, list[LoadResult]] = {name: [] for name in variants}
+    if warmup:
+        for request in variants.values():
+            await run_load(request, requests=warmup, concurrency=concurrency, progress=False)
+    for _ in range(repeats):
+        for name, request in variants.items():
+            runs[name].append(await run_load(request, requests=requests,
+                                             concurrency=concurrency, label=name))
+    return {name: merge(results, label=name) for name, results in runs.items()}
+
+
+def merge(results: Iterable[LoadResult], label: str | None = None) -> LoadResult:
+    """Concatenate several runs of the same workload into one result (keeps per-run rates)."""
+    results = list(results)
+    frames = []
+    for n, r in enumerate(results):
+        frames.append(r.df.assign(run=n))
+    merged = LoadResult(label or results[0].label, results[0].concurrency,
+                        sum(r.wall_s for r in results), pd.concat(frames, ignore_index=True))
+    merged.df.attrs["run_rps"] = [r.rps for r in results]
+    return merged
+
+
+def median_rps(result: LoadResult) -> float:
+    """Median requests/s over the runs merged into ``result`` (or its own rate)."""
+    rates = result.df.attrs.get("run_rps")
+    return statistics.median(rates) if rates else result.rps
+
+
+async def sweep(
+    request: Request,
+    concurrencies: Iterable[int],
+    *,
+    requests: int | Callable[[int], int],
+    label: str = "",
+) -> tuple[pd.DataFrame, dict[int, LoadResult]]:
+    """Run the same workload at several concurrencies; one summary row per level.
+
+    ``requests`` may be a function of the concurrency (e.g. ``lambda c: 40 * c``) so that every
+    level runs long enough to be measured.
+    """
+    results = {}
+    for c in concurrencies:
+        n = requests(c) if callable(requests) else requests
+        results[c] = await run_load(request, requests=n, concurrency=c,
+                                    label=label or f"c={c}")
+    table = summarize(results.values())
+    if label:
+        table["label"] = label
+    return table, results
+
+
+def summarize(results: Iterable[LoadResult]) -> pd.DataFrame:
+    """One row per run: label, concurrency, requests, rps, p50/p95/p99 (ms), errors."""
+    rows = [r.summary() for r in results]
+    return pd.DataFrame(rows).drop(columns=["error_types"])
+
+
+def ratio(a: LoadResult, b: LoadResult) -> float:
+    """How many times more requests/s ``a`` did than ``b``."""
+    return a.rps / b.rps

@@ -1,0 +1,98 @@
+"""The load generator and plots, against the real server."""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+
+import asyncpg
+import pytest
+from matplotlib.figure import Figure
+
+from helpers import plots
+from helpers.load import bare_gather, compare, median_rps, run_load, summarize, sweep
+from tests.conftest import run
+
+QUERY = "SELECT name FROM shop.users WHERE id = $1"
+
+
+def test_records_every_request_and_respects_concurrency() -> None:
+    in_flight = 0
+    peak = 0
+
+    async def request(i: int) -> None:
+        nonlocal in_flight, peak
+        in_flight += 1
+        peak = max(peak, in_flight)
+        await asyncio.sleep(0.001)
+        in_flight -= 1
+        if i % 10 == 0:
+            raise ValueError("every tenth request fails")
+
+    result = run(run_load(request, requests=200, concurrency=8))
+    assert peak == 8
+    assert len(result.df) == 200 and set(result.df["request"]) == set(range(200))
+    assert result.errors == 20
+    s = result.summary()
+    assert s["error_types"] == {"ValueError": 20}
+    assert s["p50_ms"] <= s["p95_ms"] <= s["p99_ms"]
+    assert 0 < result.rps < 200 / 0.001
+    assert result.df["start_s"].min() >= 0
+
+
+def test_sweep_and_compare(target) -> None:
+    async def scenario():
+        async with asyncpg.create_pool(target.url, min_size=4, max_size=4) as pool:
+            async def request(i: int):
+                return await pool.fetchval(QUERY, 1 + i % 1000)
+
+            table, results = await sweep(request, [1, 4], requests=lambda c: 50 * c)
+            both = await compare({"a": request, "b": request}, requests=100, concurrency=4,
+                                 repeats=2)
+            return table, results, both
+    table, results, both = run(scenario())
+    assert list(table["concurrency"]) == [1, 4]
+    assert list(table["requests"]) == [50, 200]
+    assert len(both["a"].df) == 200 and both["a"].df["run"].nunique() == 2
+    assert median_rps(both["a"]) > 0
+    assert len(summarize(both.values())) == 2
+
+
+def test_overhead_against_bare_gather(target) -> None:
+    """The generator's bookkeeping must not distort the figures: compared side by side,
+    interleaved, it keeps most of a bare asyncio.gather loop's throughput."""
+    async def scenario():
+        async with asyncpg.create_pool(target.url, min_size=10, max_size=10) as pool:
+            async def request(i: int):
+                return await pool.fetchval(QUERY, 1 + i % 1000)
+
+            await bare_gather(request, requests=500, concurrency=10)  # warm up
+            gen, bare = [], []
+            for _ in range(5):
+                gen.append((await run_load(request, requests=2000, concurrency=10)).rps)
+                bare.append(await bare_gather(request, requests=2000, concurrency=10))
+            return statistics.median(gen), statistics.median(bare)
+    gen, bare = run(scenario())
+    print(f"\nrun_load {gen:,.0f} req/s vs bare gather {bare:,.0f} req/s: ratio {gen / bare:.2f}")
+    assert gen / bare > 0.8
+
+
+@pytest.mark.parametrize("kind", ["cdf", "box", "bars", "sweep", "stacked", "timeline"])
+def test_plots_return_figures(kind) -> None:
+    async def noop(i: int):
+        await asyncio.sleep(0)
+        if i == 3:
+            raise TimeoutError
+
+    r = run(run_load(noop, requests=20, concurrency=2, label="noop"))
+    table = summarize([r])
+    fig = {
+        "cdf": lambda: plots.latency_cdf([r], "t"),
+        "box": lambda: plots.latency_box({"x": r}, "t"),
+        "bars": lambda: plots.throughput_bars({"a": 10.0, "b": r}, "t", baseline="a"),
+        "sweep": lambda: plots.sweep_plot(table, "t"),
+        "stacked": lambda: plots.stacked_bars({"row": {"tcp": 1.0, "auth": 2.0}}, "t"),
+        "timeline": lambda: plots.timeline(r, "t", events=[(0.0, "start")]),
+    }[kind]()
+    assert isinstance(fig, Figure) and fig.axes
+    fig.savefig(__import__("io").BytesIO(), format="png")
