@@ -2,7 +2,7 @@
 # The first call creates .venv with the pinned dependencies (about a minute, once).
 PYTHON ?= python3
 
-.PHONY: run test lab check refresh db-start db-stop db-status clean
+.PHONY: run test lab check refresh bench db-start db-stop db-status clean
 
 run:        ## execute the whole series into build/ (HTML + summary)
 	$(PYTHON) -m helpers run
@@ -15,6 +15,9 @@ lab:        ## JupyterLab on notebooks/ with the database ready
 
 check:      ## is this machine ready? (packages, database)
 	$(PYTHON) -m helpers check
+
+bench:      ## benchmarks against the ceilings: build/bench.json, a table and a plot
+	$(PYTHON) -m helpers bench
 
 refresh:    ## re-execute notebooks and store their outputs in place (review the diff!)
 	$(PYTHON) -m helpers refresh

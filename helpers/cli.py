@@ -6,6 +6,7 @@
     python -m helpers check               # is this machine ready? (packages, database)
     python -m helpers db start|stop|status|url
     python -m helpers refresh [NN ...]    # re-execute notebooks, storing outputs in place
+    python -m helpers bench               # benchmarks into build/bench.json (make bench)
 
 Every command first makes sure ``.venv`` exists with the pinned packages and re-runs itself
 there (``PGCOURSE_NO_VENV=1`` skips that). Problems are reported as one short message, no
@@ -39,6 +40,9 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("lab", help="JupyterLab on notebooks/ with the database ready")
     refresh = sub.add_parser("refresh", help="re-execute notebooks, keeping outputs in place")
     refresh.add_argument("notebooks", nargs="*")
+    for name, (_module, text) in EXTENSIONS.items():
+        ext = sub.add_parser(name, help=text, add_help=False)
+        ext.add_argument("rest", nargs=argparse.REMAINDER)
     return p
 
 
@@ -183,5 +187,29 @@ def cmd_refresh(args: argparse.Namespace) -> int:
     return 0 if all(r.ok for r in runs) else 1
 
 
+def _extension(name: str):
+    """Commands implemented by their own module's ``cli(argv) -> int``."""
+
+    def command(args: argparse.Namespace) -> int:
+        import importlib
+
+        try:
+            module = importlib.import_module(EXTENSIONS[name][0])
+        except ModuleNotFoundError as exc:
+            if exc.name != EXTENSIONS[name][0]:
+                raise
+            raise CourseError(f"`{name}` is not part of this checkout yet.") from None
+        return int(module.cli(list(args.rest)))
+
+    return command
+
+
+#: command name -> (module with ``cli(argv) -> int``, help text)
+EXTENSIONS = {
+    "bench": ("helpers.bench", "benchmarks against the ceilings, into build/bench.json"),
+    "pgbouncer": ("helpers.pgbouncer", "a PgBouncer for the course (see notebook 07)"),
+}
+
 COMMANDS = {"venv": cmd_venv, "db": cmd_db, "check": cmd_check, "run": cmd_run,
-            "test": cmd_test, "lab": cmd_lab, "refresh": cmd_refresh}
+            "test": cmd_test, "lab": cmd_lab, "refresh": cmd_refresh,
+            **{name: _extension(name) for name in EXTENSIONS}}

@@ -23,6 +23,7 @@ import json
 import os
 import re
 import secrets
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,9 @@ import asyncpg
 
 from .connect import connect, execute_ddl, explain
 from .errors import CourseError
+from .paths import state_dir
 from .seed import SeedInfo, ensure_seed
+from .server import EmbeddedServer
 from .target import Target, resolve
 
 #: Lesson schemas older than this are left-overs of crashed runs and are dropped at setup.
@@ -56,6 +59,7 @@ class Lesson:
         self._pools: list[asyncpg.Pool] = []
         self._connections: list[asyncpg.Connection] = []
         self._roles: list[str] = []
+        self._servers: list[EmbeddedServer] = []
         self.figures: dict[str, dict[str, Any]] = {}
         self.closed = False
 
@@ -107,6 +111,20 @@ class Lesson:
         self._roles.append(name)
         return name, password
 
+    async def private_server(self, **settings: str) -> Target:
+        """Start a throw-away embedded PostgreSQL for this run only; stopped and deleted by
+        :meth:`close`.
+
+        For lessons that restart a server or need different settings (e.g.
+        ``max_connections="20"``) without disturbing anyone else on the shared database. It
+        starts in about a second; its superuser password is generated like the main one's.
+        """
+        home = state_dir() / "private" / self.schema / str(len(self._servers))
+        server = EmbeddedServer(home, settings={k: str(v) for k, v in settings.items()})
+        self._servers.append(server)
+        result = await asyncio.to_thread(server.start)
+        return Target(server.url(result.port), "embedded (private to this lesson)", server)
+
     def url_for(self, user: str, password: str) -> str:
         """The lesson's URL with another role's credentials (for :meth:`create_role`)."""
         from urllib.parse import quote, urlsplit, urlunsplit
@@ -147,6 +165,9 @@ class Lesson:
         for conn in self._connections:
             if not conn.is_closed():
                 conn.terminate()
+        for server in self._servers:
+            await asyncio.to_thread(server.stop)
+            await asyncio.to_thread(shutil.rmtree, server.home, True)
         conn = await connect(self.target)
         try:
             await execute_ddl(conn, "DROP SCHEMA IF EXISTS %I CASCADE", self.schema)

@@ -25,6 +25,7 @@ import importlib.util
 import os
 import pwd
 import secrets
+import shlex
 import shutil
 import socket
 import subprocess
@@ -167,8 +168,12 @@ def unshare_works() -> bool:
 class EmbeddedServer:
     """The course's private PostgreSQL in ``home`` (default ``<repo>/.pgcourse``)."""
 
-    def __init__(self, home: Path | None = None) -> None:
+    def __init__(self, home: Path | None = None,
+                 settings: dict[str, str] | None = None) -> None:
+        """``settings`` (e.g. ``{"max_connections": "20"}``) are passed as ``-c`` options at
+        every start, on top of :data:`SERVER_SETTINGS`: lessons use them for private servers."""
         self.home = Path(home) if home else state_dir()
+        self.settings = dict(settings or {})
         self.data_dir = self.home / "data"
         self.password_file = self.home / "password"
         self.port_file = self.home / "port"
@@ -353,7 +358,7 @@ class EmbeddedServer:
             log_start = self.log_file.stat().st_size if self.log_file.exists() else 0
             proc = self._pg(bins, "pg_ctl", "start", "-D", str(self.data_dir), "-l",
                             str(self.log_file), "-w", "-t", str(START_TIMEOUT_S), "-s",
-                            "-o", f"-p {port}", timeout=START_TIMEOUT_S + 5, check=False)
+                            "-o", self._options(port), timeout=START_TIMEOUT_S + 5, check=False)
             if proc.returncode == 0 and accepts(port):
                 self.port_file.write_text(str(port))
                 return port
@@ -369,6 +374,11 @@ class EmbeddedServer:
             f"Every port tried for the embedded PostgreSQL was taken ({tried}).",
             "Free a port, or set DATABASE_URL to an existing server.",
         )
+
+    def _options(self, port: int) -> str:
+        """The postgres command-line options pg_ctl passes on (it runs them through a shell)."""
+        extra = " ".join(f"-c {shlex.quote(f'{k}={v}')}" for k, v in self.settings.items())
+        return f"-p {port} {extra}".strip()
 
     def _pick_port(self, first: bool) -> int:
         if first:

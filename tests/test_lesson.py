@@ -121,3 +121,20 @@ def test_record_writes_figures(tmp_path, monkeypatch, target) -> None:
     run(scenario())
     data = json.loads((tmp_path / "92-figures.json").read_text())
     assert data["speedup"]["value"] == 38.5
+
+
+def test_private_server_is_started_and_removed(target) -> None:
+    async def scenario():
+        lesson = await start_lesson("91-private", pool=False)
+        private = await lesson.private_server(max_connections="12")
+        conn = await connect(private)
+        try:
+            assert await conn.fetchval("SHOW max_connections") == "12"
+        finally:
+            await conn.close()
+        assert private.restartable and private.port != target.port
+        home = private.embedded.home
+        await lesson.close()
+        return home
+    home = run(scenario())
+    assert not home.exists()
