@@ -7,6 +7,7 @@
     python -m helpers db start|stop|status|url
     python -m helpers refresh [NN ...]    # re-execute notebooks, storing outputs in place
     python -m helpers bench               # benchmarks into build/bench.json (make bench)
+    python -m helpers links [--check]     # navigation, README series table, agenda, practice
 
 Every command first makes sure ``.venv`` exists with the pinned packages and re-runs itself
 there (``PGCOURSE_NO_VENV=1`` skips that). Problems are reported as one short message, no
@@ -22,7 +23,7 @@ import sys
 import time
 
 from .errors import CourseError
-from .paths import NOTEBOOKS, ROOT
+from .paths import BUILD, NOTEBOOKS, ROOT
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -40,6 +41,8 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("lab", help="JupyterLab on notebooks/ with the database ready")
     refresh = sub.add_parser("refresh", help="re-execute notebooks, keeping outputs in place")
     refresh.add_argument("notebooks", nargs="*")
+    links = sub.add_parser("links", help="regenerate navigation, practice copies, agenda")
+    links.add_argument("--check", action="store_true", help="only report what is out of date")
     for name, (_module, text) in EXTENSIONS.items():
         ext = sub.add_parser(name, help=text, add_help=False)
         ext.add_argument("rest", nargs=argparse.REMAINDER)
@@ -48,7 +51,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = _parser().parse_args(argv)
+    if argv and argv[0] in EXTENSIONS:  # their own options, e.g. `bench --quick`
+        args = argparse.Namespace(command=argv[0], rest=argv[1:])
+    else:
+        args = _parser().parse_args(argv)
     try:
         if not os.environ.get("PGCOURSE_NO_VENV"):
             from .bootstrap import in_project_venv, reexec_in_venv
@@ -118,10 +124,11 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
-class _Database:
-    """Start the embedded server for a command, and stop it afterwards if we started it."""
+class CommandDatabase:
+    """Context manager for a command: start the embedded server if no DATABASE_URL is set,
+    and stop it afterwards if this command started it (used by run, test, lab and bench)."""
 
-    def __enter__(self) -> _Database:
+    def __enter__(self) -> CommandDatabase:
         from .server import EmbeddedServer
         from .target import configured_target
 
@@ -146,7 +153,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .build import run_series, summary_lines
 
     t0 = time.perf_counter()
-    with _Database():
+    with CommandDatabase():
         runs = run_series(args.notebooks or None)
     print("\n".join(summary_lines(runs)))
     failed = [r.name for r in runs if not r.ok]
@@ -163,15 +170,17 @@ def cmd_test(args: argparse.Namespace) -> int:
     if lint.returncode != 0:
         return lint.returncode
     os.environ.setdefault("PGCOURSE_PROGRESS", "0")
-    with _Database():
+    with CommandDatabase():
+        BUILD.mkdir(exist_ok=True)
         cmd = [py, "-m", "pytest", "tests", "notebooks", "--nbval-lax",
-               "--nbval-cell-timeout=600", "-p", "no:cacheprovider", *args.pytest_args]
+               "--nbval-cell-timeout=600", "-p", "no:cacheprovider",
+               f"--junitxml={BUILD / 'junit.xml'}", *args.pytest_args]  # bench reads its times
         print(" ".join(["pytest", *cmd[3:]]), flush=True)
         return subprocess.run(cmd, cwd=ROOT).returncode
 
 
 def cmd_lab(args: argparse.Namespace) -> int:
-    with _Database():
+    with CommandDatabase():
         cmd = [sys.executable, "-m", "jupyter", "lab", f"--notebook-dir={NOTEBOOKS}"]
         if os.geteuid() == 0:
             cmd.append("--allow-root")
@@ -181,10 +190,21 @@ def cmd_lab(args: argparse.Namespace) -> int:
 def cmd_refresh(args: argparse.Namespace) -> int:
     from .build import refresh, summary_lines
 
-    with _Database():
+    with CommandDatabase():
         runs = refresh(args.notebooks or None)
     print("\n".join(summary_lines(runs)))
     return 0 if all(r.ok for r in runs) else 1
+
+
+def cmd_links(args: argparse.Namespace) -> int:
+    from .course import sync
+
+    changed = sync(check=args.check)
+    if args.check and changed:
+        print("out of date (run `python -m helpers links`): " + ", ".join(changed))
+        return 1
+    print(("updated: " + ", ".join(changed)) if changed else "everything is up to date")
+    return 0
 
 
 def _extension(name: str):
@@ -211,5 +231,5 @@ EXTENSIONS = {
 }
 
 COMMANDS = {"venv": cmd_venv, "db": cmd_db, "check": cmd_check, "run": cmd_run,
-            "test": cmd_test, "lab": cmd_lab, "refresh": cmd_refresh,
+            "test": cmd_test, "lab": cmd_lab, "refresh": cmd_refresh, "links": cmd_links,
             **{name: _extension(name) for name in EXTENSIONS}}

@@ -19,12 +19,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import json
 import os
 import re
 import secrets
 import shutil
 import time
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +63,7 @@ class Lesson:
         self._connections: list[asyncpg.Connection] = []
         self._roles: list[str] = []
         self._servers: list[EmbeddedServer] = []
+        self._on_close: list[tuple[Callable[[], Any], bool]] = []
         self.figures: dict[str, dict[str, Any]] = {}
         self.closed = False
 
@@ -119,11 +123,18 @@ class Lesson:
         ``max_connections="20"``) without disturbing anyone else on the shared database. It
         starts in about a second; its superuser password is generated like the main one's.
         """
-        home = state_dir() / "private" / self.schema / str(len(self._servers))
+        home = _private_root() / self.schema / str(len(self._servers))
         server = EmbeddedServer(home, settings={k: str(v) for k, v in settings.items()})
         self._servers.append(server)
         result = await asyncio.to_thread(server.start)
         return Target(server.url(result.port), "embedded (private to this lesson)", server)
+
+    def on_close(self, callback: Callable[[], Any], first: bool = False) -> None:
+        """Run ``callback`` (a function, sync or async) in :meth:`close`, before the lesson's
+        pools close and its private servers stop: e.g. stopping a PgBouncer or worker
+        processes. Callbacks run in reverse order of registration; ``first`` ones before all
+        others (application processes before the PgBouncer they talk to)."""
+        self._on_close.append((callback, first))
 
     def url_for(self, user: str, password: str) -> str:
         """The lesson's URL with another role's credentials (for :meth:`create_role`)."""
@@ -160,6 +171,16 @@ class Lesson:
         if self.closed:
             return
         self.closed = True
+        ordered = [cb for cb, first in reversed(self._on_close) if first]
+        ordered += [cb for cb, first in reversed(self._on_close) if not first]
+        for callback in ordered:
+            try:
+                if inspect.iscoroutinefunction(callback):
+                    await callback()
+                else:
+                    await asyncio.to_thread(callback)
+            except Exception as exc:  # keep cleaning up; say what could not be stopped
+                warnings.warn(f"cleanup step {callback!r} failed: {exc!r}", stacklevel=2)
         for pool in self._pools:
             await close_pool(pool)
         for conn in self._connections:
@@ -167,7 +188,8 @@ class Lesson:
                 conn.terminate()
         for server in self._servers:
             await asyncio.to_thread(server.stop)
-            await asyncio.to_thread(shutil.rmtree, server.home, True)
+        if self._servers:
+            await asyncio.to_thread(shutil.rmtree, _private_root() / self.schema, True)
         conn = await connect(self.target)
         try:
             await execute_ddl(conn, "DROP SCHEMA IF EXISTS %I CASCADE", self.schema)
@@ -200,6 +222,27 @@ async def close_pool(pool: asyncpg.Pool, timeout: float = 5.0) -> None:
 def _slug(lesson_id: str) -> str:
     match = re.match(r"(\d+)", lesson_id)
     return match.group(1) if match else re.sub(r"\W+", "_", lesson_id.lower())[:12]
+
+
+def _private_root() -> Path:
+    return state_dir() / "private"
+
+
+def _stop_orphaned_private_servers(live_schemas: set[str]) -> list[str]:
+    """Stop and delete private servers of runs whose schema is gone (a kernel that died
+    before its cleanup cell leaves its private server running)."""
+    removed = []
+    root = _private_root()
+    if not root.exists():
+        return removed
+    for folder in root.iterdir():
+        if folder.is_dir() and folder.name not in live_schemas:
+            for home in folder.iterdir():
+                with contextlib.suppress(CourseError, OSError):
+                    EmbeddedServer(home).stop()
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder.name)
+    return removed
 
 
 async def _drop_stale_schemas(conn: asyncpg.Connection) -> list[str]:
@@ -240,6 +283,10 @@ async def start_lesson(
     try:
         seed = await ensure_seed(conn)
         await _drop_stale_schemas(conn)
+        if target.embedded is not None:  # private servers belong to the embedded setup's folder
+            live = {r[0] for r in await conn.fetch(
+                "SELECT nspname FROM pg_namespace WHERE nspname LIKE $1", SCHEMA_PREFIX + "%")}
+            await asyncio.to_thread(_stop_orphaned_private_servers, live)
         schema = f"{SCHEMA_PREFIX}{_slug(lesson_id)}_{secrets.token_hex(3)}"
         await execute_ddl(conn, "CREATE SCHEMA %I", schema)
         note = json.dumps({"lesson": lesson_id, "created": time.time()})

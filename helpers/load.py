@@ -16,6 +16,7 @@ machine slows them all alike; assert on the ratios it reports, never on absolute
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import itertools
 import os
 import statistics
@@ -29,6 +30,17 @@ import pandas as pd
 
 #: A request: given the request number, do one unit of work (e.g. one query).
 Request = Callable[[int], Awaitable[Any]]
+
+_WORKER: contextvars.ContextVar[int] = contextvars.ContextVar("load_worker")
+
+
+def current_worker() -> int:
+    """The number (0..C-1) of the :func:`run_load` / :func:`bare_gather` worker running the
+    current request, e.g. to give each worker its own connection: ``conns[current_worker()]``.
+
+    Raises ``LookupError`` outside a load run.
+    """
+    return _WORKER.get()
 
 
 def progress_enabled() -> bool:
@@ -106,6 +118,7 @@ async def run_load(
     perf = time.perf_counter
 
     async def worker(w: int) -> None:
+        _WORKER.set(w)  # each worker is its own task, so this stays local to it
         while (i := next(counter)) < requests:
             t0 = perf()
             try:
@@ -154,12 +167,14 @@ async def bare_gather(request: Request, *, requests: int, concurrency: int) -> f
                 for w in range(concurrency)]
     offsets = list(itertools.accumulate([0, *per_task[:-1]]))
 
-    async def task(first: int, n: int) -> None:
+    async def task(w: int, first: int, n: int) -> None:
+        _WORKER.set(w)
         for i in range(first, first + n):
             await request(i)
 
     t0 = time.perf_counter()
-    await asyncio.gather(*(task(o, n) for o, n in zip(offsets, per_task, strict=True)))
+    await asyncio.gather(*(task(w, o, n) for w, (o, n)
+                           in enumerate(zip(offsets, per_task, strict=True))))
     return requests / (time.perf_counter() - t0)
 
 
@@ -224,8 +239,7 @@ async def sweep(
         results[c] = await run_load(request, requests=n, concurrency=c,
                                     label=label or f"c={c}")
     table = summarize(results.values())
-    if label:
-        table["label"] = label
+    table["label"] = label or "requests"  # one series, so sweep_plot draws one line
     return table, results
 
 
@@ -238,3 +252,16 @@ def summarize(results: Iterable[LoadResult]) -> pd.DataFrame:
 def ratio(a: LoadResult, b: LoadResult) -> float:
     """How many times more requests/s ``a`` did than ``b``."""
     return a.rps / b.rps
+
+
+def paired_ratio(a: LoadResult, b: LoadResult) -> float:
+    """How many times more requests/s ``a`` did than ``b``, as the median of per-round ratios.
+
+    For two results of one :func:`compare` call: each round ran every variant back to back, so
+    a slow moment of a noisy machine hits both sides of a round's ratio alike, and the median
+    drops the odd round it hit unevenly. Falls back to :func:`ratio` without per-run rates.
+    """
+    ra, rb = a.df.attrs.get("run_rps"), b.df.attrs.get("run_rps")
+    if not ra or not rb or len(ra) != len(rb):
+        return ratio(a, b)
+    return statistics.median(x / y for x, y in zip(ra, rb, strict=True))

@@ -17,6 +17,21 @@ from matplotlib.figure import Figure
 
 from .load import LoadResult
 
+
+def _show_figures_in_notebooks() -> None:
+    """Let a cell that ends with a Figure display it as a PNG, without pyplot or a magic."""
+    import sys
+
+    ipython = sys.modules.get("IPython")
+    shell = ipython.get_ipython() if ipython is not None else None
+    if shell is not None and getattr(shell, "kernel", None) is not None:
+        from IPython.core.pylabtools import select_figure_formats
+
+        select_figure_formats(shell, {"png"}, bbox_inches="tight")
+
+
+_show_figures_in_notebooks()
+
 #: One colour per role, reused across notebooks so "pool" always looks the same.
 PALETTE = ["#2a6f97", "#e07a1f", "#3a8f5c", "#b23a48", "#7b5ea7", "#8a8a8a", "#c9a227",
            "#17becf"]
@@ -107,7 +122,8 @@ def throughput_bars(values: Mapping[str, float] | Mapping[str, LoadResult], titl
     for i, k in enumerate(labels):
         text = f"{rates[k]:,.0f}"
         if baseline and rates.get(baseline):
-            text += f"  ({rates[k] / rates[baseline]:.2g}x)"
+            x = rates[k] / rates[baseline]
+            text += f"  ({x:,.0f}x)" if x >= 10 else f"  ({x:.2g}x)"
         ax.annotate(text, (rates[k], i), xytext=(4, 0), textcoords="offset points",
                     va="center", fontsize=9)
     ax.margins(x=0.25)
@@ -117,17 +133,28 @@ def throughput_bars(values: Mapping[str, float] | Mapping[str, LoadResult], titl
 
 
 def sweep_plot(table: pd.DataFrame, title: str, x: str = "concurrency",
-               series: str = "label", log_y: bool = False) -> Figure:
-    """Throughput (left) and p99 latency (right) against ``x``, one line per ``series``."""
+               series: str = "label", log_y: bool = False,
+               latency: Sequence[str] = ("p99_ms",)) -> Figure:
+    """Throughput (left) and latency (right) against ``x``, one line per ``series``.
+
+    ``latency`` names the percentile columns drawn on the right (default p99 only), e.g.
+    ``("p50_ms", "p95_ms", "p99_ms")``: one line style per percentile.
+    """
     fig, (left, right) = figure(ncols=2, width=10)
     groups = table.groupby(series, sort=False) if series in table else [("", table)]
+    styles = ["-", "--", ":", "-."]
     for n, (name, g) in enumerate(groups):
         g = g.sort_values(x)
         color = PALETTE[n % len(PALETTE)]
         left.plot(g[x], g["rps"], marker="o", color=color, label=str(name))
-        right.plot(g[x], g["p99_ms"], marker="o", color=color, label=str(name))
+        for k, col in enumerate(latency):
+            label = str(name) if len(latency) == 1 else \
+                f"{name} {col.removesuffix('_ms')}".strip()
+            right.plot(g[x], g[col], marker="o", color=color, ls=styles[k % len(styles)],
+                       label=label)
     left.set_ylabel("requests/s")
-    right.set_ylabel("p99 latency (ms)")
+    right.set_ylabel(f"{latency[0].removesuffix('_ms')} latency (ms)" if len(latency) == 1
+                     else "latency (ms)")
     for ax in (left, right):
         ax.set_xlabel(x)
         if log_y:
@@ -135,18 +162,28 @@ def sweep_plot(table: pd.DataFrame, title: str, x: str = "concurrency",
         ax.set_ylim(bottom=0 if not log_y else None)
     if series in table and table[series].nunique() > 1:
         left.legend(fontsize=9)
+    if len(latency) > 1:
+        right.legend(fontsize=9)
     fig.suptitle(title, **TITLE)
     return fig
 
 
 def stacked_bars(parts: Mapping[str, Mapping[str, float]], title: str,
-                 unit: str = "ms") -> Figure:
-    """Horizontal stacked bars: for each row, where its time goes (e.g. TCP, auth, query)."""
-    fig, (ax,) = figure(height=max(2.5, 0.7 * len(parts) + 1.3))
+                 unit: str = "ms", legend: str = "lower right") -> Figure:
+    """Horizontal stacked bars: for each row, where its time goes (e.g. TCP, auth, query).
+
+    ``legend`` is a matplotlib location inside the axes, or ``"below"`` to put the legend
+    under the plot, clear of the bars (for many segments).
+    """
     rows = list(parts)
     segments: list[str] = []
     for row in parts.values():
         segments += [s for s in row if s not in segments]
+    ncols = min(4, len(segments))
+    height = max(2.5, 0.7 * len(parts) + 1.3)
+    if legend == "below":
+        height += 0.3 * -(-len(segments) // max(1, ncols))
+    fig, (ax,) = figure(height=height)
     left = np.zeros(len(rows))
     for n, seg in enumerate(segments):
         widths = np.array([parts[r].get(seg, 0.0) for r in rows])
@@ -158,7 +195,11 @@ def stacked_bars(parts: Mapping[str, Mapping[str, float]], title: str,
     ax.invert_yaxis()
     ax.set_xlabel(unit)
     ax.margins(x=0.15)
-    ax.legend(loc="lower right", fontsize=9, ncols=min(4, len(segments)))
+    if legend == "below":
+        fig.legend(*ax.get_legend_handles_labels(), loc="outside lower center", fontsize=9,
+                   ncols=ncols)
+    else:
+        ax.legend(loc=legend, fontsize=9, ncols=ncols)
     ax.grid(axis="y", visible=False)
     ax.set_title(title, **TITLE)
     return fig

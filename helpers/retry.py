@@ -28,8 +28,13 @@ SERIALIZATION_ERRORS: tuple[type[BaseException], ...] = (
 )
 #: The connection went away (server restart, pg_terminate_backend, network): safe to retry
 #: only if the work is idempotent.
+#: ``InternalClientError`` ("cannot switch to state ...") is what a pooled connection whose
+#: server already said goodbye raises when it is used before asyncpg read the goodbye.
+#: ``OSError`` includes the built-in ``TimeoutError``: for writes, a timeout is as ambiguous as
+#: a dropped connection (did the commit happen?), so the same rule applies.
 CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.ConnectionDoesNotExistError,
+    asyncpg.InternalClientError,
     asyncpg.InterfaceError,
     asyncpg.CannotConnectNowError,
     asyncpg.AdminShutdownError,
@@ -77,10 +82,12 @@ async def retry(
     base_delay: float = 0.005,
     max_delay: float = 0.5,
     rng: random.Random | None = None,
+    on_retry: Callable[[int, BaseException, float], None] | None = None,
 ) -> RetryOutcome[T]:
     """Await ``work()``; on an exception in ``retry_on``, sleep (backoff with jitter) and run it
     again, up to ``attempts`` times in total. Other exceptions propagate at once.
 
+    ``on_retry(attempt, exc, delay)`` is called before each sleep (to log or count retries).
     Raises :class:`RetriesExhausted` (with every attempt's error) when all attempts fail.
     """
     if attempts < 1:
@@ -94,6 +101,8 @@ async def retry(
             errors.append(type(exc).__name__)
             if attempt == attempts - 1:
                 raise RetriesExhausted(attempts, errors, exc) from exc
+            if on_retry is not None:
+                on_retry(attempt + 1, exc, delays[attempt])
             await asyncio.sleep(delays[attempt])
         else:
             return RetryOutcome(value, attempt + 1, errors)

@@ -138,3 +138,28 @@ def test_private_server_is_started_and_removed(target) -> None:
         return home
     home = run(scenario())
     assert not home.exists()
+
+
+def test_private_server_of_a_dead_run_is_stopped(target) -> None:
+    """A kernel that dies before cleanup leaves its private server running; once its schema is
+    gone (dropped as stale), the next lesson's setup stops and deletes that server."""
+    if target.embedded is None:
+        return
+
+    async def scenario():
+        import helpers.lesson as lesson_module
+
+        dead = await start_lesson("89-dead", pool=False)
+        private = await dead.private_server()
+        lesson_module._current = None  # the kernel "died": close() never runs
+        admin = await connect(target)
+        try:
+            await execute_ddl(admin, "DROP SCHEMA %I CASCADE", dead.schema)
+        finally:
+            await admin.close()
+        fresh = await start_lesson("89-next", pool=False)
+        await fresh.close()
+        return private
+    private = run(scenario())
+    assert not private.embedded.status().running
+    assert not private.embedded.home.exists()

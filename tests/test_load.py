@@ -10,7 +10,16 @@ import pytest
 from matplotlib.figure import Figure
 
 from helpers import plots
-from helpers.load import bare_gather, compare, median_rps, run_load, summarize, sweep
+from helpers.load import (
+    bare_gather,
+    compare,
+    current_worker,
+    median_rps,
+    paired_ratio,
+    run_load,
+    summarize,
+    sweep,
+)
 from tests.conftest import run
 
 QUERY = "SELECT name FROM shop.users WHERE id = $1"
@@ -96,3 +105,70 @@ def test_plots_return_figures(kind) -> None:
     }[kind]()
     assert isinstance(fig, Figure) and fig.axes
     fig.savefig(__import__("io").BytesIO(), format="png")
+
+
+def test_current_worker_names_the_worker_of_each_request() -> None:
+    seen: dict[int, int] = {}
+
+    async def request(i: int) -> None:
+        seen[i] = current_worker()
+        await asyncio.sleep(0.001)
+
+    result = run(run_load(request, requests=40, concurrency=4))
+    assert set(seen.values()) == {0, 1, 2, 3}
+    assert all(seen[i] == w for i, w in zip(result.df["request"], result.df["worker"],
+                                            strict=True))
+    seen.clear()
+    run(bare_gather(request, requests=40, concurrency=4))
+    assert set(seen.values()) == {0, 1, 2, 3} and len(seen) == 40
+    with pytest.raises(LookupError):
+        current_worker()
+
+
+def test_current_worker_gives_each_worker_its_own_connection(target) -> None:
+    """Persistent connections without a pool: one per worker, never shared at once."""
+    async def scenario():
+        conns = [await asyncpg.connect(target.url) for _ in range(3)]
+        try:
+            async def request(i: int):
+                return await conns[current_worker()].fetchval(QUERY, 1 + i)
+
+            return await run_load(request, requests=60, concurrency=3)
+        finally:
+            for conn in conns:
+                await conn.close()
+    result = run(scenario())
+    assert result.errors == 0  # InterfaceError if two requests shared a connection at once
+
+
+def test_sweep_plot_draws_several_percentiles_and_stacked_legend_below() -> None:
+    async def noop(i: int):
+        await asyncio.sleep(0)
+
+    table = summarize([run(run_load(noop, requests=20, concurrency=c, label="x"))
+                       for c in (1, 2)])
+    fig = plots.sweep_plot(table, "t", latency=("p50_ms", "p95_ms", "p99_ms"))
+    assert len(fig.axes[1].get_lines()) == 3 and fig.axes[1].get_ylabel() == "latency (ms)"
+    assert plots.sweep_plot(table, "t").axes[1].get_ylabel() == "p99 latency (ms)"  # default
+    parts = {"a": {f"s{k}": 1.0 for k in range(7)}, "b": {"q": 0.1}}
+    below = plots.stacked_bars(parts, "t", legend="below")
+    assert below.legends and below.axes[0].get_legend() is None
+    inside = plots.stacked_bars(parts, "t")
+    assert not inside.legends and inside.axes[0].get_legend() is not None
+    for fig in (below, inside):
+        fig.savefig(__import__("io").BytesIO(), format="png")
+
+
+def test_paired_ratio_takes_the_median_of_per_round_ratios() -> None:
+    async def fast(i: int):
+        await asyncio.sleep(0)
+
+    async def slow(i: int):
+        await asyncio.sleep(0.002)
+
+    both = run(compare({"fast": fast, "slow": slow}, requests=20, concurrency=2, repeats=3))
+    rounds = [f / s for f, s in zip(both["fast"].df.attrs["run_rps"],
+                                    both["slow"].df.attrs["run_rps"], strict=True)]
+    assert paired_ratio(both["fast"], both["slow"]) == statistics.median(rounds) > 1
+    single = run(run_load(fast, requests=10, concurrency=1))
+    assert paired_ratio(single, both["slow"]) == single.rps / both["slow"].rps  # no rounds
