@@ -1,0 +1,297 @@
+"""Where a new connection's time goes, phase by phase, and a fresh event loop to measure in.
+
+:func:`probe_connect` opens one connection by speaking the PostgreSQL wire protocol itself
+(asyncio streams and ``hashlib``, no driver), so that every phase is timed on its own:
+
+====================  ========================================================================
+``tcp_connect``       the TCP handshake (``asyncio.open_connection``)
+``ssl_request``       the SSLRequest round trip that ``ssl='prefer'`` (asyncpg's and libpq's
+                      default) sends first; the server answers ``N`` when SSL is off (plus the
+                      TLS handshake when it answers ``S``). The answer comes from the backend
+                      process forked for this connection, so this wait overlaps the next one
+``startup``           startup message until the server asks for a password: the new backend
+                      process has started, read the settings and looked up ``pg_hba.conf``
+``scram_hashing``     SCRAM-SHA-256 on the client: PBKDF2 with the server's iteration count
+``auth_session``      the SCRAM messages to and fro, and the backend setting up the session:
+                      the server sends AuthenticationOk only together with ReadyForQuery
+``first_query``       the first query on the new backend (its caches are cold)
+``close``             Terminate, then wait until the server has closed the socket
+====================  ========================================================================
+
+plus ``next_query``: the same query again on the still-open connection, which is all a pooled
+request pays. :func:`profile_connects` repeats the probe and returns a DataFrame.
+
+:func:`asyncpg_costs` asks the same questions of asyncpg itself, interleaved: ``connect()``
+with the default ``ssl='prefer'`` vs ``ssl=False``, the first query vs the next, ``close()``
+vs ``terminate()``.
+
+:func:`run_in_new_loop` runs a coroutine in a brand-new event loop (``asyncio`` or ``uvloop``)
+in a worker thread: Jupyter's own loop is already running and cannot be swapped for uvloop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import hmac
+import os
+import secrets
+import ssl as ssl_module
+import struct
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+from urllib.parse import parse_qs, unquote, urlsplit
+
+import asyncpg
+import pandas as pd
+
+T = TypeVar("T")
+
+#: The phases :func:`probe_connect` times, in the order they happen.
+PHASES = ("tcp_connect", "ssl_request", "startup", "scram_hashing", "auth_session",
+          "first_query", "close")
+#: Readable names for plots and tables.
+LABELS = {
+    "tcp_connect": "TCP connect",
+    "ssl_request": "SSL request",
+    "startup": "backend start",
+    "scram_hashing": "SCRAM hashing (client)",
+    "auth_session": "SCRAM exchange + session setup",
+    "first_query": "first query",
+    "close": "close",
+    "next_query": "query on an open connection",
+}
+
+_PROTOCOL_3_0 = 196608
+_SSL_REQUEST = 80877103
+
+
+class ProbeError(Exception):
+    """The server refused the probe (its SQLSTATE and message), or spoke unexpectedly."""
+
+    def __init__(self, message: str, sqlstate: str = "") -> None:
+        super().__init__(message)
+        self.sqlstate = sqlstate
+
+
+@dataclass(frozen=True)
+class _Params:
+    host: str
+    port: int
+    user: str
+    password: str
+    database: str
+    ssl_request: bool
+
+
+def _params(url: str) -> _Params:
+    parts = urlsplit(url)
+    query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+    host = unquote(parts.hostname or query.get("host") or os.environ.get("PGHOST", "localhost"))
+    if host.startswith("/"):
+        raise ValueError("probe_connect measures TCP connections; this URL names a Unix socket")
+    user = unquote(parts.username or os.environ.get("PGUSER", "") or "postgres")
+    password = unquote(parts.password or os.environ.get("PGPASSWORD", ""))
+    database = unquote(parts.path.lstrip("/")) or os.environ.get("PGDATABASE", "") or user
+    sslmode = query.get("sslmode", os.environ.get("PGSSLMODE", "prefer"))
+    return _Params(host, parts.port or int(os.environ.get("PGPORT", "5432")), user, password,
+                   database, sslmode not in ("disable", "allow"))
+
+
+class _Wire:
+    """Just enough of the frontend/backend protocol v3 to time a connection's phases."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    def send(self, kind: bytes, payload: bytes) -> None:
+        self.writer.write(kind + struct.pack("!i", len(payload) + 4) + payload)
+
+    async def receive(self) -> tuple[bytes, bytes]:
+        head = await self.reader.readexactly(5)
+        kind, length = head[:1], struct.unpack("!i", head[1:])[0]
+        payload = await self.reader.readexactly(length - 4)
+        if kind == b"E":
+            fields = {f[:1]: f[1:].decode(errors="replace") for f in payload.split(b"\0") if f}
+            raise ProbeError(fields.get(b"M", "error"), fields.get(b"C", ""))
+        return kind, payload
+
+    async def until(self, wanted: bytes) -> bytes:
+        """Read messages (notices, parameter status...) until one of type ``wanted``."""
+        while True:
+            kind, payload = await self.receive()
+            if kind == wanted:
+                return payload
+
+
+def _scram_client_final(password: str, client_first_bare: str, server_first: str,
+                        nonce: str) -> tuple[str, bytes]:
+    """SCRAM-SHA-256 (RFC 5802/7677): the client-final message and the expected server
+    signature. The PBKDF2 below is the expensive part."""
+    attrs = dict(item.split("=", 1) for item in server_first.split(","))
+    if not attrs["r"].startswith(nonce):
+        raise ProbeError("SCRAM: the server's nonce does not extend ours")
+    salted = hashlib.pbkdf2_hmac("sha256", password.encode(), base64.b64decode(attrs["s"]),
+                                 int(attrs["i"]))
+    client_key = hmac.digest(salted, b"Client Key", "sha256")
+    without_proof = f"c=biws,r={attrs['r']}"  # biws = base64("n,,"): no channel binding
+    auth_message = f"{client_first_bare},{server_first},{without_proof}".encode()
+    signature = hmac.digest(hashlib.sha256(client_key).digest(), auth_message, "sha256")
+    proof = bytes(a ^ b for a, b in zip(client_key, signature, strict=True))
+    server_key = hmac.digest(salted, b"Server Key", "sha256")
+    server_signature = hmac.digest(server_key, auth_message, "sha256")
+    return f"{without_proof},p={base64.b64encode(proof).decode()}", server_signature
+
+
+async def probe_connect(url: str, *, ssl_request: bool | None = None, query: str = "SELECT 1",
+                        timeout: float = 10.0) -> dict[str, float]:
+    """Open, use and close one connection over the wire protocol, timing each phase (ms).
+
+    ``ssl_request`` defaults to what the URL's ``sslmode`` implies (``prefer`` when absent,
+    as in asyncpg). Returns ``{phase: ms}`` for :data:`PHASES` plus ``next_query``. Raises
+    :class:`ProbeError` when the server refuses (e.g. too many connections).
+    """
+    return await asyncio.wait_for(_probe(_params(url), ssl_request, query), timeout)
+
+
+async def _probe(p: _Params, ssl_request: bool | None, query: str) -> dict[str, float]:
+    perf = time.perf_counter
+    ms: dict[str, float] = dict.fromkeys([*PHASES, "next_query"], 0.0)
+    t = perf()
+    reader, writer = await asyncio.open_connection(p.host, p.port)
+    wire = _Wire(reader, writer)
+    try:
+        ms["tcp_connect"], t = (perf() - t) * 1000, perf()
+        if p.ssl_request if ssl_request is None else ssl_request:
+            writer.write(struct.pack("!ii", 8, _SSL_REQUEST))
+            answer = await reader.readexactly(1)
+            if answer == b"S":  # the server speaks TLS: do what sslmode=prefer does
+                context = ssl_module.SSLContext(ssl_module.PROTOCOL_TLS_CLIENT)
+                context.check_hostname = False
+                context.verify_mode = ssl_module.CERT_NONE
+                await writer.start_tls(context)
+            ms["ssl_request"], t = (perf() - t) * 1000, perf()
+
+        options = {"user": p.user, "database": p.database, "application_name": "connect-probe"}
+        body = b"".join(k.encode() + b"\0" + v.encode() + b"\0" for k, v in options.items())
+        writer.write(struct.pack("!ii", len(body) + 9, _PROTOCOL_3_0) + body + b"\0")
+        request = await wire.until(b"R")
+        ms["startup"], t = (perf() - t) * 1000, perf()
+        code = struct.unpack("!i", request[:4])[0]
+        hashing = 0.0
+        if code == 10:  # SASL: SCRAM-SHA-256
+            mechanisms = request[4:].split(b"\0")
+            if b"SCRAM-SHA-256" not in mechanisms:
+                raise ProbeError(f"SASL mechanisms {mechanisms} lack SCRAM-SHA-256")
+            nonce = base64.b64encode(secrets.token_bytes(18)).decode()
+            first_bare = f"n=,r={nonce}"
+            first = f"n,,{first_bare}".encode()
+            wire.send(b"p", b"SCRAM-SHA-256\0" + struct.pack("!i", len(first)) + first)
+            server_first = (await wire.until(b"R"))[4:].decode()
+            h = perf()
+            final, expected = _scram_client_final(p.password, first_bare, server_first, nonce)
+            hashing = (perf() - h) * 1000
+            wire.send(b"p", final.encode())
+            server_final = (await wire.until(b"R"))[4:].decode()
+            if base64.b64decode(server_final.split("v=", 1)[1]) != expected:
+                raise ProbeError("SCRAM: the server's signature does not match")
+            request = await wire.until(b"R")
+        elif code == 5:  # md5
+            inner = hashlib.md5((p.password + p.user).encode()).hexdigest()
+            digest = "md5" + hashlib.md5(inner.encode() + request[4:8]).hexdigest()
+            wire.send(b"p", digest.encode() + b"\0")
+            request = await wire.until(b"R")
+        elif code == 3:  # cleartext
+            wire.send(b"p", p.password.encode() + b"\0")
+            request = await wire.until(b"R")
+        if struct.unpack("!i", request[:4])[0] != 0:
+            raise ProbeError(f"unsupported authentication request {code}")
+        await wire.until(b"Z")
+        ms["scram_hashing"] = hashing
+        ms["auth_session"], t = (perf() - t) * 1000 - hashing, perf()
+        for phase in ("first_query", "next_query"):
+            wire.send(b"Q", query.encode() + b"\0")
+            await wire.until(b"Z")
+            ms[phase], t = (perf() - t) * 1000, perf()
+
+        wire.send(b"X", b"")
+        await writer.drain()
+        while await reader.read(4096):  # the server closes the socket when its backend exits
+            pass
+        ms["close"] = (perf() - t) * 1000
+    finally:
+        writer.close()
+    return ms
+
+
+async def profile_connects(url: str, n: int = 50, *, ssl_request: bool | None = None,
+                           query: str = "SELECT 1") -> pd.DataFrame:
+    """Run :func:`probe_connect` ``n`` times in a row: one row per connection, one column per
+    phase (ms), plus ``connect_total`` (every phase but ``next_query``)."""
+    rows = [await probe_connect(url, ssl_request=ssl_request, query=query) for _ in range(n)]
+    df = pd.DataFrame(rows)
+    df["connect_total"] = df[list(PHASES)].sum(axis=1)
+    return df
+
+
+async def asyncpg_costs(url: str, n: int = 40, *, query: str = "SELECT 1",
+                        **connect_kwargs: Any) -> pd.DataFrame:
+    """The same questions asked of asyncpg, interleaved so noise hits every column alike.
+
+    Per iteration: ``connect()`` with the default ``ssl`` (``prefer``), the first query, the
+    next query, ``close()``; then ``connect(ssl=False)`` and ``terminate()``. One row per
+    iteration, columns in ms: ``connect_prefer``, ``connect_no_ssl``, ``first_query``,
+    ``next_query``, ``close``, ``terminate``.
+    """
+    perf = time.perf_counter
+    rows = []
+    for _ in range(n):
+        row: dict[str, float] = {}
+        t = perf()
+        conn = await asyncpg.connect(url, **connect_kwargs)
+        row["connect_prefer"], t = (perf() - t) * 1000, perf()
+        try:
+            await conn.fetchval(query)
+            row["first_query"], t = (perf() - t) * 1000, perf()
+            await conn.fetchval(query)
+            row["next_query"], t = (perf() - t) * 1000, perf()
+        finally:
+            await conn.close()
+        row["close"], t = (perf() - t) * 1000, perf()
+        conn = await asyncpg.connect(url, ssl=False, **connect_kwargs)
+        row["connect_no_ssl"], t = (perf() - t) * 1000, perf()
+        conn.terminate()
+        row["terminate"] = (perf() - t) * 1000
+        rows.append(row)
+    return pd.DataFrame(rows)[["connect_prefer", "connect_no_ssl", "first_query",
+                               "next_query", "close", "terminate"]]
+
+
+def phase_medians(df: pd.DataFrame, phases: tuple[str, ...] = PHASES,
+                  labels: bool = True) -> dict[str, float]:
+    """Median ms per phase, in order, keyed by readable label (for ``plots.stacked_bars``)."""
+    return {(LABELS.get(p, p) if labels else p): float(df[p].median()) for p in phases
+            if p in df and df[p].median() > 0}
+
+
+async def run_in_new_loop(factory: Callable[[], Awaitable[T]], *, loop: str = "asyncio") -> T:
+    """Run ``factory()`` to completion in a new event loop in a worker thread; return its result.
+
+    ``loop`` is ``"asyncio"`` (the standard loop) or ``"uvloop"``. Everything the coroutine
+    opens (pools, connections) must be created and closed inside it: asyncpg objects belong
+    to the loop that made them. The calling loop (e.g. Jupyter's) keeps running meanwhile.
+    """
+    if loop not in ("asyncio", "uvloop"):
+        raise ValueError(f"loop must be 'asyncio' or 'uvloop', not {loop!r}")
+
+    def runner() -> T:
+        if loop == "uvloop":
+            import uvloop
+
+            return uvloop.run(factory())
+        return asyncio.run(factory())  # type: ignore[arg-type]
+
+    return await asyncio.to_thread(runner)
