@@ -13,6 +13,7 @@ from __future__ import annotations
 import html
 import json
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -89,52 +90,106 @@ def _short_error(text: str) -> str:
 
 
 def run_series(names: list[str] | None = None, out: Path = BUILD) -> list[NotebookRun]:
-    """Execute the series into ``out``: executed notebooks, HTML pages, index, summary."""
-    from nbconvert import HTMLExporter
-
+    """Execute the series into ``out``: executed notebooks, the HTML site, a summary."""
     figures_dir = out / "figures"
     (out / "notebooks").mkdir(parents=True, exist_ok=True)
     figures_dir.mkdir(parents=True, exist_ok=True)
     os.environ[FIGURES_ENV] = str(figures_dir)
     os.environ.setdefault("PGCOURSE_PROGRESS", "0")
-    exporter = HTMLExporter(template_name="lab")
-    runs = []
+    runs, executed = [], []
     for path in notebooks(names):
         print(f"  running {path.name} ...", flush=True)
         (figures_dir / f"{path.stem}.json").unlink(missing_ok=True)
         nb, result = execute(path)
         nbformat.write(nb, out / "notebooks" / path.name)
-        body, _ = exporter.from_notebook_node(nb, resources={"metadata": {"name": path.stem}})
-        (out / f"{path.stem}.html").write_text(body, encoding="utf-8")
         fig_file = figures_dir / f"{path.stem}.json"
         if fig_file.exists():
             result.figures = json.loads(fig_file.read_text())
         runs.append(result)
-    write_index(runs, out)
+        executed.append((path, nb))
+    write_site(executed, out, runs)
     (out / "summary.json").write_text(json.dumps([r.__dict__ for r in runs], indent=2))
     return runs
 
 
-def write_index(runs: list[NotebookRun], out: Path) -> None:
-    """``build/index.html``: the series with status, time and headline figures."""
+_SITE_CSS = """
+.course-nav{position:sticky;top:0;z-index:10;background:#f4f6f8;border-bottom:1px solid #d0d7de;
+ padding:.5em 1.5em;font:14px/1.4 system-ui,sans-serif;display:flex;gap:1.5em}
+.course-nav a{color:#2a6f97;text-decoration:none}.course-nav .here{font-weight:600}
+"""
+
+
+def _nav(pages: list[tuple[str, str]], i: int) -> str:
+    links = ["<a href='index.html'>Index</a>"]
+    if i > 0:
+        links.append(f"<a rel='prev' href='{pages[i - 1][0]}.html'>&larr; "
+                     f"{html.escape(pages[i - 1][1])}</a>")
+    links.append(f"<span class='here'>{html.escape(pages[i][1])}</span>")
+    if i < len(pages) - 1:
+        links.append(f"<a rel='next' href='{pages[i + 1][0]}.html'>"
+                     f"{html.escape(pages[i + 1][1])} &rarr;</a>")
+    return "<nav class='course-nav'>" + "".join(links) + "</nav>"
+
+
+def site_html(body: str, pages: list[tuple[str, str]], i: int) -> str:
+    """Make an nbconvert page part of the site: a navigation bar, and links between notebooks
+    pointing at the HTML pages instead of the ``.ipynb`` files."""
+    body = re.sub(r'href="(\d\d-[\w-]+)\.ipynb"', r'href="\1.html"', body)
+    body = body.replace('href="../README.md"', 'href="index.html"')
+    body = body.replace("</head>", f"<style>{_SITE_CSS}</style></head>", 1)
+    return re.sub(r"(<body[^>]*>)", lambda m: m.group(1) + _nav(pages, i), body, count=1)
+
+
+def write_site(nbs: list[tuple[Path, nbformat.NotebookNode]], out: Path,
+               runs: list[NotebookRun] | None = None) -> list[Path]:
+    """Write one HTML page per notebook plus ``index.html`` into ``out``; returns the pages.
+
+    ``make run`` passes freshly executed notebooks; tests pass the committed ones, whose
+    stored outputs are the same kind of page.
+    """
+    from nbconvert import HTMLExporter
+
+    from .course import series
+
+    out.mkdir(parents=True, exist_ok=True)
+    entries = {e.path.stem: e for e in series()}
+    pages = [(p.stem, entries[p.stem].short if p.stem in entries else p.stem) for p, _ in nbs]
+    exporter = HTMLExporter(template_name="lab")
+    written = []
+    for i, (path, nb) in enumerate(nbs):
+        body, _ = exporter.from_notebook_node(nb, resources={"metadata": {"name": path.stem}})
+        page = out / f"{path.stem}.html"
+        page.write_text(site_html(body, pages, i), encoding="utf-8")
+        written.append(page)
+    by_name = {r.name: r for r in runs or []}
     rows = []
-    for r in runs:
-        figs = "<br>".join(
-            f"{html.escape(f['label'])}: {f['value']:.3g}{html.escape(f['unit'])}"
-            for f in r.figures.values()
-        )
-        status = "ok" if r.ok else f"FAILED: {html.escape(r.error)}"
-        rows.append(f"<tr><td><a href='{r.name}.html'>{r.name}</a></td><td>{status}</td>"
-                    f"<td>{r.seconds:.1f} s</td><td>{figs}</td></tr>")
+    for stem, _ in pages:
+        entry, run = entries.get(stem), by_name.get(stem)
+        cells = [f"<a href='{stem}.html'>{html.escape(entry.title if entry else stem)}</a>",
+                 html.escape(entry.summary) if entry else "",
+                 f"{entry.teaching_min} + {entry.exercise_min} min" if entry else ""]
+        if runs is not None:
+            figs = "<br>".join(f"{html.escape(f['label'])}: {f['value']:.3g}"
+                               f"{html.escape(f['unit'])}" for f in (run.figures if run else {}).values())
+            status = ("ok" if run.ok else f"FAILED: {html.escape(run.error)}") if run else ""
+            cells += [status, f"{run.seconds:.1f} s" if run else "", figs]
+        rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+    heads = ["notebook", "you will", "minutes"] + (["status", "time", "measured here"]
+                                                     if runs is not None else [])
     (out / "index.html").write_text(
-        "<!doctype html><meta charset='utf-8'><title>Async PostgreSQL pooling: the series</title>"
-        "<style>body{font-family:sans-serif;max-width:60em;margin:2em auto}"
-        "td,th{padding:.3em .8em;text-align:left;vertical-align:top}</style>"
+        "<!doctype html><html lang='en'><head><meta charset='utf-8'>"
+        "<title>Async PostgreSQL connection pooling, measured</title>"
+        "<style>body{font:15px/1.5 system-ui,sans-serif;max-width:70em;margin:2em auto;padding:0 1em}"
+        "td,th{padding:.35em .8em;text-align:left;vertical-align:top;border-bottom:1px solid #e5e5e5}"
+        "a{color:#2a6f97}</style></head><body>"
         "<h1>Async PostgreSQL connection pooling, measured</h1>"
-        "<table><tr><th>notebook</th><th>status</th><th>time</th><th>headline figures</th></tr>"
-        + "".join(rows) + "</table>",
+        "<p>A hands-on series: every claim is measured on the machine that ran it. "
+        "Start with the first notebook and follow the links at the top of each page.</p>"
+        "<table><tr>" + "".join(f"<th>{h}</th>" for h in heads) + "</tr>"
+        + "".join(rows) + "</table></body></html>",
         encoding="utf-8",
     )
+    return written
 
 
 def summary_lines(runs: list[NotebookRun]) -> list[str]:
