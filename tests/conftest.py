@@ -24,8 +24,22 @@ def run(coro):
 
 @pytest.fixture(scope="session")
 def target() -> Target:
-    """The database the course uses on this machine."""
-    return resolve()
+    """The database the course uses on this machine, with the seed data (schema ``shop``)
+    loaded: on a fresh server, the first test to ask for it loads it."""
+    from helpers.connect import connect
+    from helpers.seed import ensure_seed
+
+    found = resolve()
+
+    async def seed() -> None:
+        conn = await connect(found)
+        try:
+            await ensure_seed(conn)
+        finally:
+            await conn.close()
+
+    asyncio.run(seed())
+    return found
 
 
 @pytest.fixture
