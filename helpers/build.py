@@ -166,11 +166,12 @@ def write_site(nbs: list[tuple[Path, nbformat.NotebookNode]], out: Path,
     for stem, _ in pages:
         entry, run = entries.get(stem), by_name.get(stem)
         cells = [f"<a href='{stem}.html'>{html.escape(entry.title if entry else stem)}</a>",
-                 html.escape(entry.summary) if entry else "",
+                 re.sub(r"`([^`]+)`", r"<code>\1</code>", html.escape(entry.summary))
+                 if entry else "",
                  f"{entry.teaching_min} + {entry.exercise_min} min" if entry else ""]
         if runs is not None:
-            figs = "<br>".join(f"{html.escape(f['label'])}: {f['value']:.3g}"
-                               f"{html.escape(f['unit'])}" for f in (run.figures if run else {}).values())
+            figs = "<br>".join(f"{html.escape(f['label'])}: {html.escape(_figure(f))}"
+                               for f in (run.figures if run else {}).values())
             status = ("ok" if run.ok else f"FAILED: {html.escape(run.error)}") if run else ""
             cells += [status, f"{run.seconds:.1f} s" if run else "", figs]
         rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
@@ -192,13 +193,19 @@ def write_site(nbs: list[tuple[Path, nbformat.NotebookNode]], out: Path,
     return written
 
 
+def _figure(figure: dict) -> str:
+    """A recorded figure with its unit: "27.6x", "0.12 s", "386 of 600"."""
+    unit = figure["unit"]
+    return f"{figure['value']:.3g}{'' if unit in ('x', '%', '') else ' '}{unit}"
+
+
 def summary_lines(runs: list[NotebookRun]) -> list[str]:
     """The short report ``make run`` prints."""
     lines = [f"{'notebook':34} {'status':7} {'time':>7}"]
     for r in runs:
         lines.append(f"{r.name:34} {'ok' if r.ok else 'FAILED':7} {r.seconds:6.1f}s")
         for f in r.figures.values():
-            lines.append(f"    {f['label']}: {f['value']:.3g}{f['unit']}")
+            lines.append(f"    {f['label']}: {_figure(f)}")
         if r.error:
             lines.append(f"    {r.error}")
     return lines
