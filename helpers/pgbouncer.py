@@ -57,7 +57,14 @@ from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 from .errors import CourseError
 from .paths import state_dir
-from .server import _fallback_account, _reachable_by, accepts, free_port, unshare_works
+from .server import (
+    _fallback_account,
+    _reachable_by,
+    accepts,
+    free_port,
+    pid_alive,
+    unshare_works,
+)
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -332,23 +339,6 @@ def run_root() -> Path:
     return state_dir() / "pgbouncer-run"
 
 
-def _pid_is_pgbouncer(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/comm").read_text().strip() == "pgbouncer"
-    except OSError:
-        return False
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def reap_stale() -> int:
     """Stop PgBouncers whose owning process is gone (a killed kernel); returns how many."""
     reaped = 0
@@ -361,12 +351,13 @@ def reap_stale() -> int:
         except (OSError, ValueError):
             state = {}
         owner = int(state.get("owner", 0))
-        if owner and _alive(owner):
+        if owner and pid_alive(owner, program=None):
             continue
         if not state and time.time() - folder.stat().st_mtime < 60:
             continue  # being created right now
         pid = int(state.get("pid", 0))
-        if pid and _pid_is_pgbouncer(pid):
+        # only where /proc can prove the pid is still a PgBouncer (never kill a reused pid)
+        if pid and Path("/proc").exists() and pid_alive(pid, program="pgbouncer"):
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGKILL)
             reaped += 1

@@ -136,7 +136,9 @@ def accepts(port: int, timeout: float = 1.0) -> bool:
         return False
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int, program: str | None = "postgres") -> bool:
+    """True when process ``pid`` exists (and, on Linux, runs ``program``: a pid left in a
+    stale file may have been reused by another program since). ``program=None``: any."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -144,9 +146,9 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:
         pass
     comm = Path(f"/proc/{pid}/comm")
-    if comm.exists():  # Linux: make sure the pid was not reused by another program
+    if program and comm.exists():
         try:
-            return comm.read_text().strip().startswith("postgres")
+            return comm.read_text().strip().startswith(program)
         except OSError:
             return True
     return True
@@ -214,7 +216,7 @@ class EmbeddedServer:
         """Whether the server runs, with its pid and port (from ``postmaster.pid``)."""
         initialized = (self.data_dir / "PG_VERSION").exists()
         pid, port = self._read_pidfile()
-        running = bool(pid and _pid_alive(pid) and port and accepts(port))
+        running = bool(pid and pid_alive(pid) and port and accepts(port))
         return ServerStatus(running, pid if running else None, port if running else None,
                             self.home, initialized)
 
@@ -307,7 +309,7 @@ class EmbeddedServer:
         if not pidfile.exists():
             return
         pid, _ = self._read_pidfile()
-        if pid and _pid_alive(pid):
+        if pid and pid_alive(pid):
             raise DatabaseUnavailable(
                 f"A PostgreSQL process (pid {pid}) owns {self.data_dir} but does not answer.",
                 "Wait a few seconds and try again, or stop it with `python -m helpers db stop`.",
