@@ -49,12 +49,13 @@ import sys
 import tempfile
 import time
 import xml.etree.ElementTree as ET
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from .errors import CourseError
+from .load import run_fresh
 from .paths import BUILD, ROOT
 from .server import EmbeddedServer, find_bin_dir
 from .target import Target
@@ -415,15 +416,6 @@ async def request_round(url: str, schema: str, s: Settings, loop: str,
     return out
 
 
-def run_in_loop(loop: str, coro_fn: Callable[[], Awaitable[Any]]) -> Any:
-    """Run a coroutine in a fresh event loop of the given kind ("asyncio" or "uvloop")."""
-    if loop == "uvloop":
-        import uvloop
-
-        return uvloop.run(coro_fn())
-    return asyncio.run(coro_fn())
-
-
 # -- bulk inserts --------------------------------------------------------------------------------
 
 
@@ -514,8 +506,8 @@ def run_bench(target: Target, s: Settings, *, cold_start: bool = True,
             for loop in s.loops:
                 variants = VARIANTS if loop == "asyncio" else tuple(
                     v for v in VARIANTS if v != "connect_per_request")
-                rates = run_in_loop(loop, lambda lp=loop, vs=variants: request_round(
-                    url, schema, s, lp, vs))
+                rates = run_fresh(lambda lp=loop, vs=variants: request_round(
+                    url, schema, s, lp, vs), loop)
                 for name, rps in rates.items():
                     result.rps.setdefault(name, {}).setdefault(loop, []).append(rps)
             result.pgbench_tps.append(pgbench_select(target, schema, s.concurrency,

@@ -24,9 +24,6 @@ request pays. :func:`profile_connects` repeats the probe and returns a DataFrame
 :func:`asyncpg_costs` asks the same questions of asyncpg itself, interleaved: ``connect()``
 with the default ``ssl='prefer'`` vs ``ssl=False``, the first query vs the next, ``close()``
 vs ``terminate()``.
-
-:func:`run_in_new_loop` runs a coroutine in a brand-new event loop (``asyncio`` or ``uvloop``)
-in a worker thread: Jupyter's own loop is already running and cannot be swapped for uvloop.
 """
 
 from __future__ import annotations
@@ -40,15 +37,12 @@ import secrets
 import ssl as ssl_module
 import struct
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import asyncpg
 import pandas as pd
-
-T = TypeVar("T")
 
 #: The phases :func:`probe_connect` times, in the order they happen.
 PHASES = ("tcp_connect", "ssl_request", "startup", "scram_hashing", "auth_session",
@@ -275,23 +269,3 @@ def phase_medians(df: pd.DataFrame, phases: tuple[str, ...] = PHASES,
     """Median ms per phase, in order, keyed by readable label (for ``plots.stacked_bars``)."""
     return {(LABELS.get(p, p) if labels else p): float(df[p].median()) for p in phases
             if p in df and df[p].median() > 0}
-
-
-async def run_in_new_loop(factory: Callable[[], Awaitable[T]], *, loop: str = "asyncio") -> T:
-    """Run ``factory()`` to completion in a new event loop in a worker thread; return its result.
-
-    ``loop`` is ``"asyncio"`` (the standard loop) or ``"uvloop"``. Everything the coroutine
-    opens (pools, connections) must be created and closed inside it: asyncpg objects belong
-    to the loop that made them. The calling loop (e.g. Jupyter's) keeps running meanwhile.
-    """
-    if loop not in ("asyncio", "uvloop"):
-        raise ValueError(f"loop must be 'asyncio' or 'uvloop', not {loop!r}")
-
-    def runner() -> T:
-        if loop == "uvloop":
-            import uvloop
-
-            return uvloop.run(factory())
-        return asyncio.run(factory())  # type: ignore[arg-type]
-
-    return await asyncio.to_thread(runner)

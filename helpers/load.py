@@ -24,7 +24,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import pandas as pd
 
@@ -265,3 +265,28 @@ def paired_ratio(a: LoadResult, b: LoadResult) -> float:
     if not ra or not rb or len(ra) != len(rb):
         return ratio(a, b)
     return statistics.median(x / y for x, y in zip(ra, rb, strict=True))
+
+
+T = TypeVar("T")
+
+
+def run_fresh(factory: Callable[[], Awaitable[T]], loop: str = "asyncio") -> T:
+    """Run ``factory()`` to completion in a brand-new event loop of the given kind
+    (``"asyncio"`` or ``"uvloop"``) in this thread; return its result.
+
+    Everything the coroutine opens (pools, connections) must be created and closed inside it:
+    asyncpg objects belong to the loop that made them.
+    """
+    if loop not in ("asyncio", "uvloop"):
+        raise ValueError(f"loop must be 'asyncio' or 'uvloop', not {loop!r}")
+    if loop == "uvloop":
+        import uvloop
+
+        return uvloop.run(factory())
+    return asyncio.run(factory())  # type: ignore[arg-type]
+
+
+async def run_in_new_loop(factory: Callable[[], Awaitable[T]], *, loop: str = "asyncio") -> T:
+    """:func:`run_fresh` in a worker thread, so a running loop (Jupyter's) can compare event
+    loops: you cannot swap the loop a notebook runs on."""
+    return await asyncio.to_thread(run_fresh, factory, loop)

@@ -10,8 +10,7 @@ Notebook 06 uses three tools from here:
 * :class:`FaultProxy`: a small TCP proxy between the pool and PostgreSQL that can do what
   networks do: drop every flow silently (``blackhole()``, a NAT or firewall that forgot an
   idle connection: no FIN, no RST, packets vanish) or reset them (``cut()``).
-* :func:`restart_in_place` restarts an embedded server on the same port,
-  :func:`terminate_when_active` kills the backend that runs a given query, and
+* :func:`terminate_when_active` kills the backend that runs a given query, and
   :func:`outage` measures, from a load run, when errors started and when requests
   succeeded again.
 
@@ -41,7 +40,6 @@ import asyncpg
 import pandas as pd
 
 from .retry import CONNECTION_ERRORS
-from .server import EmbeddedServer
 
 logger = logging.getLogger(__name__)
 
@@ -312,16 +310,6 @@ class FaultProxy:
 
 
 # -- server restarts and outages --------------------------------------------------------------
-
-
-def restart_in_place(server: EmbeddedServer, mode: str = "fast") -> float:
-    """Restart an embedded server on the same port (``pg_ctl restart``); returns seconds.
-
-    ``mode`` is pg_ctl's shutdown mode: ``fast`` ends sessions (rolling back open
-    transactions) and writes everything to disk before stopping. Clients reconnect to the
-    same URL. Synchronous: call it with ``await asyncio.to_thread(restart_in_place, server)``.
-    """
-    return server.restart(mode)
 
 
 async def terminate_when_active(conn: asyncpg.Connection, query_like: str, *,

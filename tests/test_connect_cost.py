@@ -17,8 +17,8 @@ from helpers.connect_cost import (
     phase_medians,
     probe_connect,
     profile_connects,
-    run_in_new_loop,
 )
+from helpers.load import run_in_new_loop
 from tests.conftest import run
 
 

@@ -16,7 +16,6 @@ from helpers.resilience import (
     FaultProxy,
     LeakDetector,
     outage,
-    restart_in_place,
     terminate_when_active,
 )
 from tests.conftest import run
@@ -138,7 +137,7 @@ def test_cut_connection_raises_a_reconnect_error(target) -> None:
     assert error == "ConnectionDoesNotExistError"
 
 
-def test_restart_in_place_keeps_port_and_committed_rows(target) -> None:
+def test_restart_keeps_port_and_committed_rows(target) -> None:
     async def scenario():
         lesson = await start_lesson("96-resilience", pool=False)
         try:
@@ -146,7 +145,7 @@ def test_restart_in_place_keeps_port_and_committed_rows(target) -> None:
             conn = await asyncpg.connect(private.url)
             await conn.execute("CREATE TABLE t (id int PRIMARY KEY)")
             await conn.execute("INSERT INTO t SELECT generate_series(1, 100)")
-            took = await asyncio.to_thread(restart_in_place, private.embedded)
+            took = await asyncio.to_thread(private.embedded.restart)
             with pytest.raises(RECONNECT_ERRORS):
                 await conn.fetchval("SELECT 1")
             conn = await asyncpg.connect(private.url)  # same URL, same port
