@@ -1,31 +1,33 @@
 """Helpers for the async PostgreSQL pooling course.
 
-Notebooks import what they need from here, e.g. ``from helpers import start_lesson``. The
-names are loaded lazily, so ``python -m helpers`` works with the standard library alone (it
-creates the virtual environment before anything else is imported).
+Notebooks import what they need from here, e.g. ``from helpers import start_lesson``. Importing
+the package does nothing else: ``start_lesson()`` installs the notebook conveniences. The names
+are loaded lazily, so ``python -m helpers`` works with the standard library alone (it creates
+the virtual environment before anything else is imported).
 
-Modules, one concern each:
+What the notebooks use, one module per concern or lesson:
 
-* :mod:`helpers.server`       - the embedded PostgreSQL (start, reuse, restart, stop)
-* :mod:`helpers.target`       - which database: DATABASE_URL, PG* variables or embedded
-* :mod:`helpers.connect`      - connections that fail fast with a clear message
-* :mod:`helpers.lesson`       - a lesson's schema, the shared pool, private servers, cleanup
-* :mod:`helpers.seed`         - the seed data in ``data/``
-* :mod:`helpers.load`         - load generation and timing (per-request DataFrames)
-* :mod:`helpers.plots`        - plots with one look for the whole series
-* :mod:`helpers.connect_cost` - where a connect's time goes (01)
-* :mod:`helpers.transactions` - two-session schedules that produce real anomalies (03)
-* :mod:`helpers.retry`        - retries with backoff (03, 06)
-* :mod:`helpers.bulk`         - bulk insert methods and memory measurement (04, bench)
-* :mod:`helpers.monitor`      - pool sampler, instrumented acquire, Prometheus (05)
-* :mod:`helpers.resilience`   - leak detector, fault proxy, restarts (06)
-* :mod:`helpers.pgbouncer`    - a PgBouncer for the course (07)
-* :mod:`helpers.multiproc`    - app processes, each with its own pool (07)
-* :mod:`helpers.drivers`      - the same workloads for asyncpg and psycopg 3 (08, bench)
-* :mod:`helpers.bench`        - ``make bench``: the series measured against its ceilings
-* :mod:`helpers.check`        - is this machine ready?
-* :mod:`helpers.course`       - navigation, practice copies, agenda (``links``)
-* :mod:`helpers.build`        - executing the series and the site (``make run``)
+* :mod:`helpers.lesson`              - a lesson's schema, app role, pools, private servers, cleanup
+* :mod:`helpers.db`                  - the database target (URLs), connections, ``execute_ddl``
+* :mod:`helpers.capabilities`        - what this server and machine can do (00-setup)
+* :mod:`helpers.load`                - load generation and timing (per-request DataFrames)
+* :mod:`helpers.plots`               - plots with one look for the whole series
+* :mod:`helpers.retry`               - retries with backoff (03, 06)
+* :mod:`helpers.connect_per_request` - where a connect's time goes (01)
+* :mod:`helpers.transactions`        - two-session schedules that produce real anomalies (03)
+* :mod:`helpers.batch_inserts`       - bulk insert methods and memory measurement (04, 08)
+* :mod:`helpers.monitoring`          - pool sampler, instrumented acquire, Prometheus (05)
+* :mod:`helpers.failures`            - leak detector, fault proxy, restarts (06)
+* :mod:`helpers.scaling_out`         - app processes with their own pools, PgBouncer (07)
+* :mod:`helpers.drivers`             - the same workloads for asyncpg and psycopg 3 (08)
+* :mod:`helpers.production_pitfalls` - event loops, cancellation, failover, TLS (09)
+* :mod:`helpers.sqlalchemy_engine`   - SQLAlchemy's async engine over asyncpg (10)
+* :mod:`helpers.shop_api`, :mod:`helpers.web_service` - the capstone web service (11)
+
+The machinery no notebook touches is in :mod:`helpers._infra`: the embedded server, settings
+(every environment variable, read once), the command line behind ``make``, the site build,
+checks and the PgBouncer process. The maintainers' scripts (benchmark harness, PgBouncer source
+build, test servers) are in ``.ci/``.
 """
 
 from __future__ import annotations
@@ -33,23 +35,20 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from .errors import CourseError, DatabaseUnavailable, install_notebook_handler
-
 _LAZY = {
     "start_lesson": "lesson",
     "current_lesson": "lesson",
     "close_pool": "lesson",
     "Lesson": "lesson",
-    "resolve": "target",
-    "Target": "target",
-    "connect": "connect",
-    "execute_ddl": "connect",
-    "EmbeddedServer": "server",
-    "check_packages": "check",
-    "check_database": "check",
+    "resolve": "db",
+    "Target": "db",
+    "connect": "db",
+    "execute_ddl": "db",
+    "CourseError": "_infra.errors",
+    "DatabaseUnavailable": "_infra.errors",
 }
 
-__all__ = ["CourseError", "DatabaseUnavailable", *_LAZY]
+__all__ = list(_LAZY)
 
 
 def __getattr__(name: str) -> Any:
@@ -59,6 +58,3 @@ def __getattr__(name: str) -> Any:
     value = getattr(importlib.import_module(f".{module}", __name__), name)
     globals()[name] = value
     return value
-
-
-install_notebook_handler()

@@ -1,5 +1,5 @@
-"""``python -m helpers ...``: the course's command line (see :mod:`helpers.cli`)."""
+"""``python -m helpers <command>``: see ``helpers/_infra/cli.py``."""
 
-from .cli import main
+from helpers._infra.cli import main
 
 raise SystemExit(main())

@@ -35,8 +35,8 @@ import psycopg
 from psycopg import sql as psql
 from psycopg_pool import AsyncConnectionPool
 
-from .bulk import COLUMNS, InsertMethod, Row
-from .load import Request, current_worker
+from helpers.batch_inserts import COLUMNS, InsertMethod, Row
+from helpers.load import Request, current_worker
 
 #: The course's single-row lookup (a primary-key read of the seed's 100,000 users).
 LOOKUP_SQL = "SELECT name FROM shop.users WHERE id = $1"

@@ -11,8 +11,17 @@ previous lesson first (its pools and its schema), so nothing leaks. The notebook
 ``await lesson.close()``.
 
 Two learners on one server, or two runs at once, never collide: each run has its own schema,
-and its connections carry ``application_name = course/<lesson>`` so monitoring can tell them
-apart.
+and its connections carry an ``application_name`` unique to the run
+(``course/<lesson>/<random>``), so whatever a notebook counts or terminates is its own.
+
+The application connects as an ordinary role, as learners' apps do. On a server where the
+course's role is a superuser (the embedded server), each run creates a throw-away login role
+that owns the run's schema and may read ``shop``: :attr:`Lesson.target` (and ``dsn``, ``pool``,
+``connect``, ``create_pool``) use it, and :attr:`Lesson.admin` is the superuser, for set-up and
+for the admin demonstrations that say they need it. On a server where the course's role is not
+a superuser (a workshop's ``DATABASE_URL``), both are that role. :attr:`Lesson.caps` says what
+the server can do (:mod:`helpers.capabilities`); :meth:`Lesson.server_with` gives a section
+that needs more a private embedded server, and says so in one line.
 """
 
 from __future__ import annotations
@@ -21,7 +30,6 @@ import asyncio
 import contextlib
 import inspect
 import json
-import os
 import re
 import secrets
 import shutil
@@ -33,18 +41,21 @@ from typing import Any
 
 import asyncpg
 
-from .connect import connect, execute_ddl, explain
-from .errors import CourseError
-from .paths import state_dir
-from .seed import SeedInfo, ensure_seed
-from .server import EmbeddedServer
-from .target import Target, resolve
+from helpers._infra.errors import CourseError, install_notebook_handler
+from helpers._infra.paths import state_dir
+from helpers._infra.seed import SeedInfo, ensure_seed
+from helpers._infra.server import EmbeddedServer
+from helpers._infra.settings import settings
+from helpers.capabilities import NEEDS, Capabilities, probe
+from helpers.db import Target, connect, execute_ddl, explain, resolve
 
 #: Lesson schemas older than this are left-overs of crashed runs and are dropped at setup.
 STALE_AFTER_S = 12 * 3600
 SCHEMA_PREFIX = "lesson_"
 #: Where ``make run`` collects the headline figures that notebooks record.
 FIGURES_ENV = "PGCOURSE_FIGURES_DIR"
+#: How a section that cannot run here tells the learner (and ``make run``'s summary).
+SKIP_PREFIX = "skipped:"
 
 _current: Lesson | None = None
 
@@ -52,12 +63,20 @@ _current: Lesson | None = None
 class Lesson:
     """One run of one notebook: a schema, the shared pool, and everything to clean up."""
 
-    def __init__(self, lesson_id: str, target: Target, schema: str, seed: SeedInfo) -> None:
+    def __init__(self, lesson_id: str, target: Target, schema: str, seed: SeedInfo,
+                 admin: Target | None = None, caps: Capabilities | None = None,
+                 app_role: str | None = None) -> None:
         self.id = lesson_id
+        #: Where the application connects: an ordinary role (see the module docstring).
         self.target = target
+        #: The role the course was given (DATABASE_URL or the embedded superuser).
+        self.admin = admin or target
+        self.caps = caps
         self.schema = schema
         self.seed = seed
-        self.application_name = f"course/{lesson_id}"[:63]
+        self.app_role = app_role
+        self.application_name = f"course/{lesson_id}/{schema.rsplit('_', 1)[-1]}"[:63]
+        self.skipped: list[str] = []
         self.pool: asyncpg.Pool | None = None
         self._pools: list[asyncpg.Pool] = []
         self._connections: list[asyncpg.Connection] = []
@@ -97,15 +116,27 @@ class Lesson:
         self._pools.append(pool)
         return pool
 
+    async def connect_admin(self, **kwargs: Any) -> asyncpg.Connection:
+        """A connection as :attr:`admin` (set-up, monitoring, admin demonstrations), in the
+        lesson's schema; closed by :meth:`close` if you forget."""
+        kwargs["server_settings"] = self.server_settings(**kwargs.get("server_settings", {}))
+        conn = await connect(self.admin, **kwargs)
+        self._connections.append(conn)
+        return conn
+
     async def create_role(self, suffix: str, **options: str) -> tuple[str, str]:
         """A throw-away login role for this run (dropped by :meth:`close`): (name, password).
 
-        ``options`` are role attributes, e.g. ``connection_limit="2"``.
+        ``options`` are role attributes, e.g. ``connection_limit="2"``. Needs CREATEROLE: on a
+        server that does not give it, use a private server (:meth:`server_with`).
         """
+        if self.caps is not None and not (self.caps.superuser or self.caps.createrole):
+            raise CourseError(f"Role {self.caps.user!r} may not create roles on this server.",
+                              "Run this section on `await lesson.server_with(\"createrole\")`.")
         name = f"{self.schema}_{suffix}"[:63]
         password = secrets.token_urlsafe(16)
         attrs = " ".join(f"{k.upper().replace('_', ' ')} {int(v)}" for k, v in options.items())
-        conn = await connect(self.target)
+        conn = await connect(self.admin)
         try:
             await execute_ddl(conn, f"CREATE ROLE %I LOGIN PASSWORD %L {attrs}", name, password)
             await execute_ddl(conn, "GRANT USAGE ON SCHEMA %I, shop TO %I", self.schema, name)
@@ -129,6 +160,33 @@ class Lesson:
         result = await asyncio.to_thread(server.start)
         return Target(server.url(result.port), "embedded (private to this lesson)", server)
 
+    async def server_with(self, *needs: str, why: str = "", **settings: str) -> Target:
+        """The lesson's own server (as :attr:`admin`) when it has every capability in ``needs``
+        (keys of :data:`helpers.capabilities.NEEDS`), else a private embedded server (its
+        superuser; see :meth:`private_server`). Prints one line saying which, and why.
+
+        ``settings`` always ask for a private server (they are ``postgresql.conf`` settings).
+        """
+        caps = self.caps
+        missing = [n for n in needs if caps is None or not caps.has(n)]
+        if not missing and not settings:
+            return self.admin
+        target = await self.private_server(**settings)
+        reason = "; ".join(NEEDS[n] for n in missing) or ", ".join(
+            f"{k}={v}" for k, v in settings.items())
+        print(f"This section runs on a private embedded PostgreSQL: it needs {reason}"
+              + (f" ({why})" if why else "") + ".")
+        return target
+
+    def skip(self, reason: str, how: str = "") -> None:
+        """Say that a section cannot run on this machine, and why (one line; ``make run``'s
+        summary lists it). Cells of that section start with ``%%needs <capability>``."""
+        line = f"{SKIP_PREFIX} {reason}" + (f"; {how}" if how else "")
+        self.skipped.append(line)
+        print(line)
+        if settings().figures_dir:
+            self._write_figures()
+
     def on_close(self, callback: Callable[[], Any], first: bool = False) -> None:
         """Run ``callback`` (a function, sync or async) in :meth:`close`, before the lesson's
         pools close and its private servers stop: e.g. stopping a PgBouncer or worker
@@ -138,27 +196,29 @@ class Lesson:
 
     def url_for(self, user: str, password: str) -> str:
         """The lesson's URL with another role's credentials (for :meth:`create_role`)."""
-        from urllib.parse import quote, urlsplit, urlunsplit
-
-        parts = urlsplit(self.target.url)
-        host = parts.netloc.rsplit("@", 1)[-1]
-        netloc = f"{quote(user, safe='')}:{quote(password, safe='')}@{host}"
-        return urlunsplit(parts._replace(netloc=netloc))
+        return self.target.replace(user=user, password=password).url
 
     # -- reporting -----------------------------------------------------------------------------
 
     def record(self, key: str, value: float, unit: str = "", label: str = "") -> None:
         """Keep a headline figure (``make run`` prints them in its summary)."""
         self.figures[key] = {"value": float(value), "unit": unit, "label": label or key}
-        folder = os.environ.get(FIGURES_ENV)
-        if folder:
-            path = Path(folder) / f"{self.id}.json"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(self.figures, indent=2))
+        if settings().figures_dir:
+            self._write_figures()
+
+    def _write_figures(self) -> None:
+        folder = settings().figures_dir
+        assert folder is not None
+        path = Path(folder) / f"{self.id}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({**self.figures, "_skipped": self.skipped}, indent=2))
 
     def describe(self) -> str:
         """What the setup cell prints: where the database is and which schema is ours."""
-        return (f"database: {self.target.describe()}\n"
+        role = (f"{self.app_role} (created for this run; admin: {self.admin.user})"
+                if self.app_role else f"{self.target.user} (also the admin role)")
+        return (f"database: {self.admin.describe()}\n"
+                f"app role: {role}\n"
                 f"schema:   {self.schema} (dropped at cleanup)\n"
                 f"seed:     shop.users {self.seed.rows['users']:,} rows, "
                 f"shop.orders {self.seed.rows['orders']:,} rows")
@@ -190,16 +250,11 @@ class Lesson:
             await asyncio.to_thread(server.stop)
         if self._servers:
             await asyncio.to_thread(shutil.rmtree, _private_root() / self.schema, True)
-        conn = await connect(self.target)
+        conn = await connect(self.admin)
         try:
             await execute_ddl(conn, "DROP SCHEMA IF EXISTS %I CASCADE", self.schema)
-            for role in self._roles:
-                await conn.execute(
-                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = $1",
-                    role,
-                )
-                await execute_ddl(conn, "DROP OWNED BY %I", role)  # its grants, too
-                await execute_ddl(conn, "DROP ROLE IF EXISTS %I", role)
+            for role in [*self._roles, *([self.app_role] if self.app_role else [])]:
+                await _drop_role(conn, role)
         finally:
             await conn.close()
         if _current is self:
@@ -257,8 +312,84 @@ async def _drop_stale_schemas(conn: asyncpg.Connection) -> list[str]:
             created = json.loads(row["note"] or "{}").get("created", 0)
             if time.time() - float(created) > STALE_AFTER_S:
                 await execute_ddl(conn, "DROP SCHEMA IF EXISTS %I CASCADE", row["nspname"])
+                await _drop_role(conn, f"{row['nspname']}_app")
                 dropped.append(row["nspname"])
     return dropped
+
+
+async def _drop_role(conn: asyncpg.Connection, role: str) -> None:
+    """End a run's role's sessions, then drop what it owns and the role (if it exists)."""
+    if not await conn.fetchval("SELECT true FROM pg_roles WHERE rolname = $1", role):
+        return
+    await conn.execute(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = $1", role)
+    await execute_ddl(conn, "DROP OWNED BY %I", role)  # its grants, too
+    await execute_ddl(conn, "DROP ROLE IF EXISTS %I", role)
+
+
+async def _create_app_role(conn: asyncpg.Connection, schema: str) -> tuple[str, str]:
+    """The run's application role: may log in, owns the run's schema, reads ``shop``."""
+    name, password = f"{schema}_app", secrets.token_urlsafe(18)
+    await execute_ddl(conn, "CREATE ROLE %I LOGIN PASSWORD %L", name, password)
+    await execute_ddl(conn, "GRANT CONNECT ON DATABASE %I TO %I",
+                      await conn.fetchval("SELECT current_database()"), name)
+    await execute_ddl(conn, "ALTER SCHEMA %I OWNER TO %I", schema, name)
+    await execute_ddl(conn, "GRANT USAGE ON SCHEMA shop TO %I", name)
+    await execute_ddl(conn, "GRANT SELECT ON ALL TABLES IN SCHEMA shop TO %I", name)
+    return name, password
+
+
+def install_notebook_conveniences() -> None:
+    """Inside Jupyter: a failed :class:`CourseError` shows as one line, figures display as
+    PNG without pyplot, and the ``%%needs`` cell magic (see :func:`needs_magic`). Nothing
+    happens outside IPython. ``start_lesson`` calls it; importing ``helpers`` does not."""
+    import sys
+
+    install_notebook_handler()
+    ipython = sys.modules.get("IPython")
+    shell = ipython.get_ipython() if ipython is not None else None
+    if shell is None:
+        return
+    if getattr(shell, "kernel", None) is not None:
+        from IPython.core.pylabtools import select_figure_formats
+
+        select_figure_formats(shell, {"png"}, bbox_inches="tight")
+    shell.register_magic_function(needs_magic, magic_kind="cell", magic_name="needs")
+
+
+def needs_magic(line: str, cell: str) -> None:
+    """``%%needs pgbouncer``: run the cell only where the capability is there; elsewhere
+    print why it is skipped and how to get it (and let ``make run`` list it). Under pytest
+    the course's plugin skips such cells with the same reason before they reach the kernel."""
+    import sys
+
+    from IPython import get_ipython
+
+    need = line.strip()
+    lesson = current_lesson()
+    caps = lesson.caps if lesson is not None else None
+    if caps is None or need not in NEEDS:
+        raise CourseError(f"%%needs {need}: unknown, or no lesson set up yet.",
+                          f"One of: {', '.join(NEEDS)}; run the setup cell first.")
+    if caps.has(need):
+        result = get_ipython().run_cell(cell)
+        if result.error_in_exec is not None:  # let the cell fail as itself
+            raise result.error_in_exec
+        return
+    reason, how = missing_reason(need)
+    if lesson is not None and not any(line.startswith(f"{SKIP_PREFIX} {reason}")
+                                      for line in lesson.skipped):
+        lesson.skip(reason, how)
+    else:
+        print(f"{SKIP_PREFIX} {reason}", file=sys.stdout)
+
+
+def missing_reason(need: str) -> tuple[str, str]:
+    """(why a ``%%needs`` section cannot run here, the one command that fixes it)."""
+    if need == "pgbouncer":
+        return ("no PgBouncer on this machine",
+                "install it with `sudo apt-get install pgbouncer` (or `brew install pgbouncer`)")
+    return (f"this server lacks {NEEDS[need]}", "")
 
 
 async def start_lesson(
@@ -279,8 +410,11 @@ async def start_lesson(
     except TimeoutError:
         raise CourseError("Starting the embedded PostgreSQL took over 90 s.",
                           "See .pgcourse/server.log, or set DATABASE_URL.") from None
+    install_notebook_conveniences()
     conn = await connect(target)
+    app_role = None
     try:
+        caps = await probe(conn, target)
         seed = await ensure_seed(conn)
         await _drop_stale_schemas(conn)
         if target.embedded is not None:  # private servers belong to the embedded setup's folder
@@ -291,9 +425,14 @@ async def start_lesson(
         await execute_ddl(conn, "CREATE SCHEMA %I", schema)
         note = json.dumps({"lesson": lesson_id, "created": time.time()})
         await execute_ddl(conn, "COMMENT ON SCHEMA %I IS %L", schema, note)
+        app_target = target
+        if caps.superuser:  # the app gets an ordinary role of its own, as in production
+            app_role, password = await _create_app_role(conn, schema)
+            app_target = target.replace(user=app_role, password=password)
     finally:
         await conn.close()
-    lesson = Lesson(lesson_id, target, schema, seed)
+    lesson = Lesson(lesson_id, app_target, schema, seed, admin=target, caps=caps,
+                    app_role=app_role)
     _current = lesson
     if pool:
         lesson.pool = await lesson.create_pool(min_size=min_size, max_size=max_size,

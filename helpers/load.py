@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import itertools
-import os
 import statistics
 import sys
 import time
@@ -27,6 +26,8 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import pandas as pd
+
+from helpers._infra.settings import settings
 
 #: A request: given the request number, do one unit of work (e.g. one query).
 Request = Callable[[int], Awaitable[Any]]
@@ -45,7 +46,7 @@ def current_worker() -> int:
 
 def progress_enabled() -> bool:
     """Progress bars show in an interactive session, never under CI, nbval or ``make run``."""
-    return os.environ.get("PGCOURSE_PROGRESS", "1") != "0" and not os.environ.get("CI")
+    return settings().progress
 
 
 @dataclass

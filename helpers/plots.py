@@ -1,7 +1,7 @@
 """Plots with one consistent look for the whole series.
 
 Every function returns a matplotlib ``Figure`` made without pyplot, so a notebook cell that ends
-with the figure shows it exactly once (and nothing is left open between cells). The caller
+with the figure shows it exactly once (``start_lesson`` registers the PNG display) (and nothing is left open between cells). The caller
 passes a ``title`` that states the finding ("Pooling: 38x more requests per second"), computed
 from the measurement, never typed in.
 """
@@ -15,22 +15,7 @@ import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from .load import LoadResult
-
-
-def _show_figures_in_notebooks() -> None:
-    """Let a cell that ends with a Figure display it as a PNG, without pyplot or a magic."""
-    import sys
-
-    ipython = sys.modules.get("IPython")
-    shell = ipython.get_ipython() if ipython is not None else None
-    if shell is not None and getattr(shell, "kernel", None) is not None:
-        from IPython.core.pylabtools import select_figure_formats
-
-        select_figure_formats(shell, {"png"}, bbox_inches="tight")
-
-
-_show_figures_in_notebooks()
+from helpers.load import LoadResult
 
 #: One colour per role, reused across notebooks so "pool" always looks the same.
 PALETTE = ["#2a6f97", "#e07a1f", "#3a8f5c", "#b23a48", "#7b5ea7", "#8a8a8a", "#c9a227",

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from helpers.paths import ROOT
-from helpers.server import EmbeddedServer
-from helpers.target import Target, resolve
+from helpers._infra.paths import ROOT
+from helpers._infra.server import EmbeddedServer
+from helpers.db import Target, resolve
 
 
 def run(coro):
@@ -26,8 +26,8 @@ def run(coro):
 def target() -> Target:
     """The database the course uses on this machine, with the seed data (schema ``shop``)
     loaded: on a fresh server, the first test to ask for it loads it."""
-    from helpers.connect import connect
-    from helpers.seed import ensure_seed
+    from helpers._infra.seed import ensure_seed
+    from helpers.db import connect
 
     found = resolve()
 
@@ -56,3 +56,14 @@ def helpers_cli(*args: str, env: dict[str, str] | None = None,
     full_env = {**os.environ, "PGCOURSE_NO_VENV": "1", **(env or {})}
     return subprocess.run([sys.executable, "-m", "helpers", *args], cwd=ROOT, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_settings() -> Iterator[None]:
+    """The course reads its environment once (helpers/_infra/settings.py); a test that
+    changes the environment (monkeypatch.setenv) gets it read again, and so does the next."""
+    from helpers._infra.settings import settings
+
+    settings.cache_clear()
+    yield
+    settings.cache_clear()

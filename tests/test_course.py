@@ -13,9 +13,9 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from helpers.build import write_site
-from helpers.course import INSTRUCTOR, PRACTICE, series, sync
-from helpers.paths import NOTEBOOKS, ROOT
+from helpers._infra.links import INSTRUCTOR, PRACTICE, series, sync
+from helpers._infra.paths import NOTEBOOKS, ROOT
+from helpers._infra.site import write_site
 
 
 def test_derived_files_are_current() -> None:

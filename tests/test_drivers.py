@@ -7,8 +7,9 @@ import secrets
 import asyncpg
 import pytest
 
-from helpers import bulk, drivers
-from helpers.connect import execute_ddl
+from helpers import batch_inserts as bulk
+from helpers import drivers
+from helpers.db import execute_ddl
 from helpers.load import compare, run_load
 from tests.conftest import run
 

@@ -7,7 +7,7 @@ import time
 
 import asyncpg
 
-from helpers.connect import connect, execute_ddl
+from helpers.db import connect, execute_ddl
 from helpers.lesson import STALE_AFTER_S, start_lesson
 from tests.conftest import run
 

@@ -13,9 +13,9 @@ import nbformat
 import pytest
 import yaml
 
-from helpers.build import notebooks
-from helpers.check import pins
-from helpers.paths import ROOT
+from helpers._infra.check import pins
+from helpers._infra.paths import ROOT
+from helpers._infra.site import notebooks
 
 
 def test_environment_yml_pins_match_pyproject() -> None:

@@ -7,9 +7,9 @@ import hashlib
 import subprocess
 import sys
 
-from helpers.connect import connect
-from helpers.paths import DATA, ROOT
-from helpers.seed import TABLES, ensure_seed, manifest
+from helpers._infra.paths import DATA, ROOT
+from helpers._infra.seed import TABLES, ensure_seed, manifest
+from helpers.db import connect
 from tests.conftest import run
 
 

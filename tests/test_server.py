@@ -13,8 +13,8 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from helpers.errors import DatabaseUnavailable
-from helpers.server import EmbeddedServer, find_bin_dir, unshare_works
+from helpers._infra.errors import DatabaseUnavailable
+from helpers._infra.server import EmbeddedServer, find_bin_dir, unshare_works
 from tests.conftest import run
 
 
@@ -60,7 +60,7 @@ def test_stop_keeps_data(tmp_server: EmbeddedServer) -> None:
 
 def test_concurrent_start_gives_one_server(tmp_path: Path) -> None:
     home = tmp_path / "pg"
-    code = ("import json,sys; from helpers.server import EmbeddedServer; "
+    code = ("import json,sys; from helpers._infra.server import EmbeddedServer; "
             "r = EmbeddedServer(sys.argv[1]).start(); "
             "print(json.dumps([r.port, r.created, r.started]))")
     procs = [subprocess.Popen([sys.executable, "-c", code, str(home)], stdout=subprocess.PIPE,
@@ -143,7 +143,7 @@ def test_root_fallback_without_unshare(tmp_path: Path) -> None:
     """Where user namespaces are blocked (many containers), an unprivileged account runs the
     server, or the learner gets one clear message saying what to do instead."""
     home = tmp_path / "pg"
-    code = ("import sys; from helpers.server import EmbeddedServer; from helpers.errors import "
+    code = ("import sys; from helpers._infra.server import EmbeddedServer; from helpers._infra.errors import "
             "CourseError\ntry:\n    r = EmbeddedServer(sys.argv[1]).start(); print('port', r.port)"
             "\nexcept CourseError as e:\n    print('clear error:', e)")
     env = {**os.environ, "PGCOURSE_NO_UNSHARE": "1"}
@@ -159,6 +159,6 @@ def test_root_fallback_without_unshare(tmp_path: Path) -> None:
             assert "unshare" in out.stdout and "DATABASE_URL" in out.stdout
         assert time.perf_counter() - t0 < 60
     finally:
-        subprocess.run([sys.executable, "-c", "import sys; from helpers.server import "
+        subprocess.run([sys.executable, "-c", "import sys; from helpers._infra.server import "
                         "EmbeddedServer; EmbeddedServer(sys.argv[1]).stop()", str(home)],
                        env=env, timeout=60)

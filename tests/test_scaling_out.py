@@ -14,9 +14,8 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from helpers.errors import CourseError
-from helpers.multiproc import AppFleet, FleetError, start_fleet
-from helpers.pgbouncer import (
+from helpers._infra.errors import CourseError
+from helpers._infra.pgbouncer import (
     HOW_TO_GET,
     Binary,
     PgBouncer,
@@ -24,12 +23,13 @@ from helpers.pgbouncer import (
     binary_version,
     build_dir,
     find_pgbouncer,
-    install,
     reap_stale,
     start_pgbouncer,
-    url_with,
 )
-from helpers.server import EmbeddedServer, accepts
+from helpers._infra.server import EmbeddedServer, accepts
+from helpers._infra.tools import load_tool
+from helpers.db import Target
+from helpers.scaling_out import AppFleet, FleetError, start_fleet
 from tests.conftest import helpers_cli, run
 
 
@@ -84,7 +84,7 @@ def app_url(server: EmbeddedServer) -> str:
             await conn.close()
 
     run(create())
-    return url_with(server.url(), user="app_test", password="not-a-real-password-1")
+    return Target(server.url(), "test").replace(user="app_test", password="not-a-real-password-1").url
 
 
 def test_binary_is_found_and_described(binary: Binary) -> None:
@@ -117,7 +117,7 @@ def test_install_reuses_an_existing_build() -> None:
         pytest.skip("no course build here (`python -m helpers pgbouncer install` makes one)")
     said: list[str] = []
     t0 = time.perf_counter()
-    built = install(say=said.append)
+    built = load_tool("build_pgbouncer").install(say=said.append)
     assert time.perf_counter() - t0 < 5 and "already built" in said[0]
     assert built.origin == "course build" and built.tracks_prepared_statements
 
@@ -257,7 +257,7 @@ def test_fleet_of_processes(app_url: str, server: EmbeddedServer) -> None:
             assert result.summary()["processes"] == 2
             await fleet.close_pools()
             assert await _count(server.url(), "app_test") == 0
-            wrong = url_with(app_url, password="wrong-password")
+            wrong = Target(app_url, "test").replace(password="wrong-password").url
             with pytest.raises(FleetError, match="InvalidPasswordError") as failure:
                 await fleet.open_pools(wrong, min_size=1, max_size=1)
             assert "wrong-password" not in str(failure.value)

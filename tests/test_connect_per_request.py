@@ -8,7 +8,7 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import pytest
 
-from helpers.connect_cost import (
+from helpers.connect_per_request import (
     LABELS,
     PHASES,
     ProbeError,

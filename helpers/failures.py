@@ -34,12 +34,12 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pandas as pd
 
-from .retry import CONNECTION_ERRORS
+from helpers.db import Target
+from helpers.retry import CONNECTION_ERRORS
 
 logger = logging.getLogger(__name__)
 
@@ -257,9 +257,7 @@ class FaultProxy:
         """``dsn`` with its host and port replaced by the proxy's (credentials kept)."""
         if self.port is None:
             raise RuntimeError("start() the proxy first")
-        parts = urlsplit(dsn)
-        userinfo = parts.netloc.rsplit("@", 1)[0] + "@" if "@" in parts.netloc else ""
-        return urlunsplit(parts._replace(netloc=f"{userinfo}127.0.0.1:{self.port}"))
+        return Target(dsn, "fault proxy").replace(host="127.0.0.1", port=self.port).url
 
     @property
     def open_links(self) -> int:

@@ -22,8 +22,8 @@ import nbformat
 from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError, CellTimeoutError
 
-from .lesson import FIGURES_ENV
-from .paths import BUILD, NOTEBOOKS
+from helpers._infra.paths import BUILD, NOTEBOOKS
+from helpers.lesson import FIGURES_ENV
 
 CELL_TIMEOUT_S = 600
 RAISES_MARK = "NBVAL_RAISES_EXCEPTION"
@@ -149,7 +149,7 @@ def write_site(nbs: list[tuple[Path, nbformat.NotebookNode]], out: Path,
     """
     from nbconvert import HTMLExporter
 
-    from .course import series
+    from helpers._infra.links import series
 
     out.mkdir(parents=True, exist_ok=True)
     entries = {e.path.stem: e for e in series()}

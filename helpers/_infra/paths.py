@@ -5,16 +5,17 @@ Standard library only, so the command line can use it before the virtual environ
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
-PACKAGE_DIR = Path(__file__).resolve().parent
+PACKAGE_DIR = Path(__file__).resolve().parent.parent
 #: The repository checkout (``helpers/`` is installed in editable mode, so this is the clone).
 ROOT = PACKAGE_DIR.parent
 NOTEBOOKS = ROOT / "notebooks"
 DATA = ROOT / "data"
 BUILD = ROOT / "build"
 VENV = ROOT / ".venv"
+#: Maintainers' scripts: the CI entry point, the benchmark harness, the PgBouncer source build.
+TOOLS = ROOT / ".ci"
 
 
 def state_dir() -> Path:
@@ -23,5 +24,6 @@ def state_dir() -> Path:
     ``PGCOURSE_HOME`` overrides it (tests use a temporary folder); the default is
     ``<repo>/.pgcourse``.
     """
-    override = os.environ.get("PGCOURSE_HOME")
-    return Path(override).expanduser().resolve() if override else ROOT / ".pgcourse"
+    from helpers._infra.settings import settings
+
+    return settings().home

@@ -54,11 +54,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from .errors import CourseError
-from .load import run_fresh
-from .paths import BUILD, ROOT
-from .server import EmbeddedServer, find_bin_dir
-from .target import Target
+from helpers._infra.errors import CourseError
+from helpers._infra.paths import BUILD, ROOT
+from helpers._infra.server import EmbeddedServer, find_bin_dir
+from helpers.db import Target
+from helpers.load import run_fresh
 
 #: The lookup every request variant runs: the query of ``pgbench -S``.
 PGBENCH_QUERY = "SELECT abalance FROM pgbench_accounts WHERE aid = $1"
@@ -200,7 +200,7 @@ def machine_line(m: dict[str, Any]) -> str:
 def tool_env(target: Target, search_path: str | None = None) -> tuple[str, dict[str, str]]:
     """(URL without its password, environment with ``PGPASSWORD``) for pgbench: the password
     travels in the environment, never on a command line (``ps`` shows those)."""
-    from .bulk import psql_environment
+    from helpers.batch_inserts import psql_environment
 
     url, env = psql_environment(target.url)
     if search_path:
@@ -332,7 +332,7 @@ def time_series(notebooks: Sequence[Path], timeout: float) -> dict[str, Any]:
 def measure_series(mode: str, prefixes: Sequence[str] | None, budget_s: float) -> dict[str, Any]:
     """``series_seconds`` from a fresh ``make test`` report (``auto``/``file``), or by running
     nbval now (``auto``/``run``)."""
-    from .build import notebooks as series_notebooks
+    from helpers._infra.site import notebooks as series_notebooks
 
     chosen = series_notebooks(list(prefixes) if prefixes else None)
     if not chosen:
@@ -362,7 +362,7 @@ async def _variant(name: str, url: str, settings: dict[str, str], size: int):
     """Open what a request variant needs, yield its request, close everything afterwards."""
     import asyncpg
 
-    from . import drivers
+    from helpers import drivers
 
     if name == "direct":
         conns = [await asyncpg.connect(url, server_settings=settings) for _ in range(size)]
@@ -397,7 +397,7 @@ async def _variant(name: str, url: str, settings: dict[str, str], size: int):
 async def request_round(url: str, schema: str, s: Settings, loop: str,
                         variants: Sequence[str] = VARIANTS) -> dict[str, float]:
     """One round: every variant once (opened, warmed up, timed, closed): requests/s each."""
-    from .load import run_load
+    from helpers.load import run_load
 
     settings = {"search_path": f"{schema}, public", "application_name": f"bench/{loop}"}
     out = {}
@@ -428,7 +428,7 @@ async def bulk_rounds(url: str, schema: str, s: Settings, workdir: Path) -> dict
     users, interleaved, with :func:`helpers.bulk.compare_inserts`: rows/s per run."""
     import asyncpg
 
-    from . import bulk
+    from helpers import batch_inserts as bulk
 
     rows = await asyncio.to_thread(bulk.read_users, max(s.copy_rows, s.executemany_rows))
     csv_path = workdir / "users.csv"
@@ -465,7 +465,7 @@ async def _server_version(url: str) -> str:
 async def _schema(url: str, schema: str, create: bool) -> None:
     import asyncpg
 
-    from .connect import execute_ddl
+    from helpers.db import execute_ddl
 
     conn = await asyncpg.connect(url)
     try:
@@ -736,7 +736,7 @@ def plot(r: BenchResult, f: dict[str, float]):
     import numpy as np
     from matplotlib.ticker import NullFormatter
 
-    from .plots import PALETTE, TITLE, figure
+    from helpers.plots import PALETTE, TITLE, figure
 
     fig, (left, right) = figure(ncols=2, width=13, height=4.8)
     names = ["pgbench", *VARIANTS]
@@ -816,8 +816,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def cli(argv: list[str]) -> int:
     """``python -m helpers bench [options]``: run, write build/bench.*, print the tables."""
-    from .cli import CommandDatabase
-    from .target import resolve
+    from helpers._infra.cli import CommandDatabase
+    from helpers.db import resolve
 
     if argv[:1] == ["--"]:  # `python -m helpers bench -- --quick` (see the module docstring)
         argv = argv[1:]

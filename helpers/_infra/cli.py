@@ -22,8 +22,9 @@ import subprocess
 import sys
 import time
 
-from .errors import CourseError
-from .paths import BUILD, NOTEBOOKS, ROOT
+from helpers._infra.errors import CourseError
+from helpers._infra.paths import BUILD, NOTEBOOKS, ROOT
+from helpers._infra.settings import child_env, settings
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -56,8 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         args = _parser().parse_args(argv)
     try:
-        if not os.environ.get("PGCOURSE_NO_VENV"):
-            from .bootstrap import in_project_venv, reexec_in_venv
+        if not settings().no_venv:
+            from helpers._infra.bootstrap import in_project_venv, reexec_in_venv
 
             if not in_project_venv():
                 reexec_in_venv(argv)  # does not return
@@ -70,15 +71,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cmd_venv(args: argparse.Namespace) -> int:
-    from .bootstrap import ensure_venv
+    from helpers._infra.bootstrap import ensure_venv
 
     print(f"ready: {ensure_venv()}")
     return 0
 
 
 def cmd_db(args: argparse.Namespace) -> int:
-    from .server import EmbeddedServer
-    from .target import configured_target, mask_url
+    from helpers._infra.server import EmbeddedServer
+    from helpers.db import configured_target, mask_url
 
     configured = configured_target()
     if configured is not None and args.action != "status":
@@ -113,7 +114,7 @@ def cmd_db(args: argparse.Namespace) -> int:
 def cmd_check(args: argparse.Namespace) -> int:
     import asyncio
 
-    from .check import check_database, report
+    from helpers._infra.check import check_database, report
 
     ok, lines = report(include_dev=True)
     print("\n".join(lines))
@@ -129,8 +130,8 @@ class CommandDatabase:
     and stop it afterwards if this command started it (used by run, test, lab and bench)."""
 
     def __enter__(self) -> CommandDatabase:
-        from .server import EmbeddedServer
-        from .target import configured_target
+        from helpers._infra.server import EmbeddedServer
+        from helpers.db import configured_target
 
         self.server = None
         target = configured_target()
@@ -150,7 +151,7 @@ class CommandDatabase:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .build import run_series, summary_lines
+    from helpers._infra.site import run_series, summary_lines
 
     t0 = time.perf_counter()
     with CommandDatabase():
@@ -169,14 +170,14 @@ def cmd_test(args: argparse.Namespace) -> int:
                           cwd=ROOT)
     if lint.returncode != 0:
         return lint.returncode
-    os.environ.setdefault("PGCOURSE_PROGRESS", "0")
     with CommandDatabase():
         BUILD.mkdir(exist_ok=True)
         cmd = [py, "-m", "pytest", "tests", "notebooks", "--nbval-lax",
-               "--nbval-cell-timeout=600", "-p", "no:cacheprovider",
+               "--nbval-cell-timeout=600", "-rs",
                f"--junitxml={BUILD / 'junit.xml'}", *args.pytest_args]  # bench reads its times
         print(" ".join(["pytest", *cmd[3:]]), flush=True)
-        return subprocess.run(cmd, cwd=ROOT).returncode
+        env = child_env(PGCOURSE_PROGRESS="0")
+        return subprocess.run(cmd, cwd=ROOT, env=env).returncode
 
 
 def cmd_lab(args: argparse.Namespace) -> int:
@@ -188,7 +189,7 @@ def cmd_lab(args: argparse.Namespace) -> int:
 
 
 def cmd_refresh(args: argparse.Namespace) -> int:
-    from .build import refresh, summary_lines
+    from helpers._infra.site import refresh, summary_lines
 
     with CommandDatabase():
         runs = refresh(args.notebooks or None)
@@ -197,7 +198,7 @@ def cmd_refresh(args: argparse.Namespace) -> int:
 
 
 def cmd_links(args: argparse.Namespace) -> int:
-    from .course import sync
+    from helpers._infra.links import sync
 
     changed = sync(check=args.check)
     if args.check and changed:
@@ -213,12 +214,13 @@ def _extension(name: str):
     def command(args: argparse.Namespace) -> int:
         import importlib
 
-        try:
-            module = importlib.import_module(EXTENSIONS[name][0])
-        except ModuleNotFoundError as exc:
-            if exc.name != EXTENSIONS[name][0]:
-                raise
-            raise CourseError(f"`{name}` is not part of this checkout yet.") from None
+        where = EXTENSIONS[name][0]
+        if where.startswith(".ci/"):
+            from helpers._infra.tools import load_tool
+
+            module = load_tool(where.removeprefix(".ci/"))
+        else:
+            module = importlib.import_module(where)
         return int(module.cli(list(args.rest)))
 
     return command
@@ -226,8 +228,8 @@ def _extension(name: str):
 
 #: command name -> (module with ``cli(argv) -> int``, help text)
 EXTENSIONS = {
-    "bench": ("helpers.bench", "benchmarks against the ceilings, into build/bench.json"),
-    "pgbouncer": ("helpers.pgbouncer", "a PgBouncer for the course (see notebook 07)"),
+    "bench": (".ci/bench", "benchmarks against the ceilings, into build/bench.json"),
+    "pgbouncer": ("helpers._infra.pgbouncer", "a PgBouncer for the course (see notebook 07)"),
 }
 
 COMMANDS = {"venv": cmd_venv, "db": cmd_db, "check": cmd_check, "run": cmd_run,

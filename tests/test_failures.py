@@ -10,14 +10,14 @@ import asyncpg
 import pandas as pd
 import pytest
 
-from helpers.lesson import start_lesson
-from helpers.resilience import (
+from helpers.failures import (
     RECONNECT_ERRORS,
     FaultProxy,
     LeakDetector,
     outage,
     terminate_when_active,
 )
+from helpers.lesson import start_lesson
 from tests.conftest import run
 
 

@@ -53,7 +53,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from .errors import CourseError
+from helpers._infra.errors import CourseError
 
 __all__ = [
     "WAIT_BUCKETS_S", "STATES", "InstrumentedPool", "PoolMonitor", "PoolCollector",
@@ -684,7 +684,7 @@ def plot_timeline(monitor: PoolMonitor, title: str, events: Sequence[tuple[float
     """
     import matplotlib
 
-    from .plots import PALETTE, STYLE, TITLE
+    from helpers.plots import PALETTE, STYLE, TITLE
 
     client = monitor.samples
     server = monitor.server_samples

@@ -34,8 +34,6 @@ from __future__ import annotations
 import argparse
 import atexit
 import contextlib
-import fcntl
-import hashlib
 import json
 import os
 import pwd
@@ -45,26 +43,24 @@ import shutil
 import signal
 import subprocess
 import sys
-import tarfile
 import time
-import urllib.error
-import urllib.request
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
-from .errors import CourseError
-from .paths import state_dir
-from .server import (
+from helpers._infra.errors import CourseError
+from helpers._infra.paths import state_dir
+from helpers._infra.server import (
     _fallback_account,
     _reachable_by,
     accepts,
     free_port,
     pid_alive,
+    unprivileged,
     unshare_works,
 )
+from helpers._infra.settings import settings
+from helpers.db import Target
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -72,13 +68,6 @@ if TYPE_CHECKING:
 #: The version ``install`` builds: Debian 13's source package (upstream tarball + Debian's
 #: security patches), pinned by SHA-256 so a download can never be swapped.
 SOURCE_VERSION = "1.24.1"
-DEBIAN_MIRROR = "http://deb.debian.org/debian/pool/main/p/pgbouncer"
-SOURCE_FILES = {
-    "pgbouncer_1.24.1.orig.tar.gz":
-        "da72a3aba13072876d055a3e58dd4aba4a5de4ed6148e73033185245598fd3e0",
-    "pgbouncer_1.24.1-1+deb13u2.debian.tar.xz":
-        "2325bcaa2e71919d399b9e5aef5b94ff988fc1f1d296908c3937b682b7be5cbb",
-}
 #: What building needs, as Debian/Ubuntu packages.
 BUILD_PACKAGES = "gcc libc6-dev make pkg-config libevent-dev libssl-dev patch"
 #: The first version that tracks protocol-level prepared statements in transaction mode.
@@ -169,9 +158,9 @@ def find_pgbouncer() -> Binary:
 
     Raises :class:`PgBouncerMissing`, whose message says how to get one, when there is none.
     """
-    explicit = os.environ.get("PGBOUNCER_BIN", "").strip()
-    if explicit:
-        path = Path(explicit).expanduser()
+    path = settings().pgbouncer_bin
+    if path is not None:
+        explicit = str(path)
         if not path.is_file():
             raise PgBouncerMissing(f"PGBOUNCER_BIN={explicit} is not a file.",
                                    "Point it at a pgbouncer executable, or unset it.")
@@ -181,154 +170,6 @@ def find_pgbouncer() -> Binary:
             return Binary(path, origin, binary_version(path))
     raise PgBouncerMissing("No pgbouncer binary found (PGBOUNCER_BIN, .pgcourse/pgbouncer, "
                            "PATH, /usr/sbin).", HOW_TO_GET)
-
-
-# -- building the course's copy ----------------------------------------------------------------
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 16), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _download(name: str, folder: Path, say) -> Path | None:
-    """``name`` from the cache folder or Debian's mirror, verified; None if unavailable."""
-    path = folder / name
-    if path.exists() and _sha256(path) == SOURCE_FILES[name]:
-        return path
-    url = f"{DEBIAN_MIRROR}/{quote(name)}"
-    tmp = path.with_suffix(path.suffix + ".part")
-    try:
-        with urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as out:
-            shutil.copyfileobj(response, out)
-    except (urllib.error.URLError, OSError) as exc:
-        tmp.unlink(missing_ok=True)
-        say(f"  could not download {url}: {getattr(exc, 'reason', exc)}")
-        return None
-    if _sha256(tmp) != SOURCE_FILES[name]:
-        tmp.unlink(missing_ok=True)
-        raise CourseError(f"{url} does not have the expected SHA-256; refusing to build it.",
-                          f"Put a verified copy of {name} into {folder} and run install again.")
-    tmp.rename(path)
-    return path
-
-
-def _missing_build_tools(patches: bool) -> list[str]:
-    missing = [tool for tool in ("make", "pkg-config") if not shutil.which(tool)]
-    if not (shutil.which("cc") or shutil.which("gcc")):
-        missing.append("a C compiler (gcc)")
-    if patches and not shutil.which("patch"):
-        missing.append("patch")
-    if shutil.which("pkg-config"):
-        for lib, pkg in (("libevent", "libevent-dev"), ("openssl", "libssl-dev")):
-            ok = subprocess.run(["pkg-config", "--exists", lib], capture_output=True).returncode
-            if ok != 0:
-                missing.append(pkg)
-    return missing
-
-
-@contextlib.contextmanager
-def _install_lock(folder: Path) -> Iterator[None]:
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / "install.lock", "a+") as fh:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)  # a second install waits for the first
-        try:
-            yield
-        finally:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
-
-
-def install(force: bool = False, say=print) -> Binary:
-    """Build PgBouncer :data:`SOURCE_VERSION` into ``.pgcourse/pgbouncer`` and return it.
-
-    Downloads Debian 13's source package from deb.debian.org (upstream tarball plus Debian's
-    security patches; both checked against pinned SHA-256 sums, cached in
-    ``.pgcourse/pgbouncer/downloads``), then ``configure && make && make install``. Needs
-    ``apt-get install gcc make pkg-config libevent-dev libssl-dev patch``. Reuses an existing
-    build of the same version unless ``force``.
-    """
-    home = build_dir()
-    target = home / "bin" / "pgbouncer"
-    with _install_lock(home):
-        if target.exists() and not force:
-            with contextlib.suppress(PgBouncerMissing):
-                version = binary_version(target)
-                if ".".join(map(str, version)) == SOURCE_VERSION:
-                    say(f"PgBouncer {SOURCE_VERSION} is already built (use --force to rebuild)")
-                    return Binary(target, "course build", version)
-        t0 = time.perf_counter()
-        downloads = home / "downloads"
-        downloads.mkdir(parents=True, exist_ok=True)
-        orig_name, debian_name = list(SOURCE_FILES)
-        orig = _download(orig_name, downloads, say)
-        if orig is None:
-            raise CourseError(f"Could not download the PgBouncer {SOURCE_VERSION} source.",
-                              f"Copy {orig_name} (from {DEBIAN_MIRROR}/) into {downloads}, or "
-                              "install pgbouncer with your package manager.")
-        debian = _download(debian_name, downloads, say)
-        missing = _missing_build_tools(patches=debian is not None)
-        if missing:
-            raise CourseError("Building PgBouncer needs: " + ", ".join(missing) + ".",
-                              f"Debian/Ubuntu: `sudo apt-get install -y {BUILD_PACKAGES}`; "
-                              "or install a pgbouncer package instead.")
-        work = home / f"build-{os.getpid()}"
-        shutil.rmtree(work, ignore_errors=True)
-        work.mkdir()
-        try:
-            with tarfile.open(orig) as tar:
-                _extract(tar, work)
-            src = work / f"pgbouncer-{SOURCE_VERSION}"
-            if debian is not None:
-                with tarfile.open(debian) as tar:
-                    _extract(tar, src)
-                series = (src / "debian" / "patches" / "series").read_text().split()
-                for patch in series:
-                    if patch == "debian-config":  # only Debian's paths in the sample config
-                        continue
-                    _step(["patch", "-p1", "-s", "-i", f"debian/patches/{patch}"], src,
-                          f"applying {patch}")
-                say(f"  applied Debian's {len(series) - 1} security patches")
-            else:
-                say("  building the upstream source without Debian's patches")
-            prefix = home.resolve()
-            _step(["./configure", f"--prefix={prefix}", "--without-cares",
-                   "--without-systemd", "--without-pam"], src, "configure")
-            jobs = str(max(1, os.cpu_count() or 1))
-            _step(["make", f"-j{jobs}"], src, "make")
-            _step(["make", "install"], src, "make install")
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
-        binary = Binary(target, "course build", binary_version(target))
-        say(f"built {binary.describe()} in {time.perf_counter() - t0:.1f} s")
-        return binary
-
-
-def _extract(tar: tarfile.TarFile, dest: Path) -> None:
-    """Unpack a source tarball, refusing paths that would land outside ``dest``."""
-    if hasattr(tarfile, "data_filter"):  # Python 3.11.4+ (Debian 12's 3.11.2 lacks it)
-        tar.extractall(dest, filter="data")
-        return
-    root = dest.resolve()
-    for member in tar.getmembers():
-        target = (dest / member.name).resolve()
-        if not (member.isfile() or member.isdir() or member.issym()) or (
-                root not in target.parents and target != root):
-            raise CourseError(f"Refusing to unpack {member.name!r} from {tar.name}.")
-        if member.issym() and root not in (target.parent / member.linkname).resolve().parents:
-            raise CourseError(f"Refusing the link {member.name!r} in {tar.name}.")
-    tar.extractall(dest)
-
-
-def _step(cmd: list[str], cwd: Path, what: str) -> None:
-    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=600,
-                          stdin=subprocess.DEVNULL)
-    if proc.returncode != 0:
-        tail = " | ".join((proc.stderr or proc.stdout).strip().splitlines()[-4:])
-        raise CourseError(f"Building PgBouncer failed at {what}: {tail}",
-                          f"Build dependencies: `apt-get install -y {BUILD_PACKAGES}`.")
 
 
 # -- running one ---------------------------------------------------------------------------------
@@ -373,25 +214,6 @@ _SAFE_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 _RUNNING: set[PgBouncer] = set()
 
 
-def url_with(url: str, *, user: str | None = None, password: str | None = None,
-             host: str | None = None, port: int | None = None,
-             database: str | None = None) -> str:
-    """``url`` with some parts replaced (credentials quoted); the query string is kept."""
-    parts = urlsplit(url)
-    user = parts.username if user is None else user
-    password = parts.password if password is None else password
-    host = host or parts.hostname or "localhost"
-    port = port or parts.port
-    auth = quote(unquote(user or ""), safe="")
-    if password is not None:
-        auth += ":" + quote(unquote(password), safe="")
-    netloc = f"{auth}@{host}" if auth else host
-    if port:
-        netloc += f":{port}"
-    path = "/" + database if database is not None else parts.path
-    return urlunsplit(parts._replace(netloc=netloc, path=path))
-
-
 class PgBouncer:
     """One PgBouncer in front of one PostgreSQL database, for one user.
 
@@ -413,12 +235,13 @@ class PgBouncer:
                  default_pool_size: int = 10, max_client_conn: int = 500,
                  max_prepared_statements: int | None = None,
                  settings: dict[str, str] | None = None, binary: Binary | None = None) -> None:
-        parts = urlsplit(server_url)
-        self.user = unquote(parts.username or "")
-        self.password = unquote(parts.password or "")
-        self.database = unquote(parts.path.lstrip("/")) or self.user
-        self.server_host = parts.hostname or "127.0.0.1"
-        self.server_port = parts.port or 5432
+        server = Target(server_url, "server")
+        self.server = server
+        self.user = server.user
+        self.password = server.password or ""
+        self.database = server.database if server.database != "(default)" else self.user
+        self.server_host = server.host if server._parts.hostname else "127.0.0.1"
+        self.server_port = server.port
         for what, value in (("user", self.user), ("database", self.database),
                             ("host", self.server_host)):
             if not _SAFE_NAME.match(value):
@@ -455,15 +278,16 @@ class PgBouncer:
     def url(self) -> str:
         """Where clients connect: this PgBouncer, with the server's user and password."""
         self._require_running()
-        return (f"postgresql://{quote(self.user, safe='')}:{quote(self.password, safe='')}"
-                f"@127.0.0.1:{self.port}/{quote(self.database, safe='')}")
+        return self.server.replace(host="127.0.0.1", port=self.port, database=self.database,
+                                   sslmode=None).url
 
     @property
     def admin_url(self) -> str:
         """The admin console (database ``pgbouncer``, user ``course_admin``)."""
         self._require_running()
-        return (f"postgresql://{ADMIN_USER}:{quote(self.admin_password, safe='')}"
-                f"@127.0.0.1:{self.port}/pgbouncer")
+        return self.server.replace(user=ADMIN_USER, password=self.admin_password,
+                                   host="127.0.0.1", port=self.port, database="pgbouncer",
+                                   sslmode=None).url
 
     @property
     def running(self) -> bool:
@@ -520,7 +344,7 @@ class PgBouncer:
             deadline = time.monotonic() + START_TIMEOUT_S
             while time.monotonic() < deadline and self._proc and self._proc.poll() is None:
                 if accepts(self.port, timeout=0.2):
-                    _RUNNING.add(self)
+                    _track(self)
                     return self
                 time.sleep(0.02)
             last_log = self.log_tail()
@@ -610,12 +434,8 @@ class PgBouncer:
         return pwd.getpwnam(_fallback_account())
 
     def _launch(self, account: pwd.struct_passwd | None) -> None:
-        cmd = [str(self.binary.path), "-q", str(self.home / "pgbouncer.ini")]
-        kwargs: dict[str, Any] = {}
-        if os.geteuid() == 0 and account is None:
-            cmd = ["unshare", "--user", "--map-user=1000", "--map-group=1000", "--", *cmd]
-        elif account is not None:
-            kwargs.update(user=account.pw_uid, group=account.pw_gid, extra_groups=[])
+        cmd, kwargs = unprivileged([str(self.binary.path), "-q", str(self.home / "pgbouncer.ini")],
+                                   account)
         env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
         self._proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                       stderr=subprocess.DEVNULL, env=env,
@@ -706,7 +526,14 @@ def _plain(value: Any) -> Any:
     return value
 
 
-@atexit.register
+def _track(bouncer: PgBouncer) -> None:
+    """Remember a running PgBouncer; the first one also registers :func:`_stop_all` to run
+    when the interpreter exits (a kernel shut down without its cleanup cell)."""
+    if not _RUNNING:
+        atexit.register(_stop_all)
+    _RUNNING.add(bouncer)
+
+
 def _stop_all() -> None:
     for bouncer in list(_RUNNING):
         with contextlib.suppress(Exception):
@@ -758,7 +585,9 @@ def cli(argv: list[str]) -> int:
     inst.add_argument("--force", action="store_true", help="rebuild even if it is there")
     args = parser.parse_args(argv)
     if args.action == "install":
-        binary = install(force=args.force)
+        from .tools import load_tool
+
+        binary = load_tool("build_pgbouncer").install(force=args.force)
         print(f"ready: {binary.describe()}; the course uses it from now on")
         return 0
     try:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import nbformat
 
-from .paths import NOTEBOOKS, ROOT
+from helpers._infra.paths import NOTEBOOKS, ROOT
 
 NAV_PREFIX = "[Index](../README.md)"
 PRACTICE = NOTEBOOKS / "practice"

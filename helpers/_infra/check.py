@@ -14,7 +14,7 @@ import tomllib
 from dataclasses import dataclass
 from importlib import metadata
 
-from .paths import ROOT
+from helpers._infra.paths import ROOT
 
 
 @dataclass(frozen=True)
@@ -73,9 +73,8 @@ def python_line() -> str:
 async def check_database() -> list[str]:
     """Connect, report where the database is, the server version and the seed. Raises
     :class:`~helpers.errors.CourseError` with a clear message when it cannot."""
-    from .connect import connect
-    from .seed import loaded_version, manifest
-    from .target import resolve
+    from helpers._infra.seed import loaded_version, manifest
+    from helpers.db import connect, resolve
 
     target = await asyncio.to_thread(resolve)
     conn = await connect(target)

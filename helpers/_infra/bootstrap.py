@@ -17,8 +17,8 @@ import sys
 import time
 from pathlib import Path
 
-from .errors import CourseError
-from .paths import ROOT, VENV
+from helpers._infra.errors import CourseError
+from helpers._infra.paths import ROOT, VENV
 
 STAMP = VENV / ".course-installed"
 

@@ -32,7 +32,16 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import CourseError
+from helpers._infra.errors import CourseError
+
+# PgBouncer for notebook 07 (running the process is machinery: helpers/_infra/pgbouncer.py).
+from helpers._infra.pgbouncer import (
+    PgBouncer,
+    PgBouncerMissing,
+    close_with,
+    require_pgbouncer,
+    start_pgbouncer,
+)
 
 #: Seconds between the "go" message and the common start, so every process is ready.
 START_DELAY_S = 0.15
@@ -372,9 +381,12 @@ def _wake(future: asyncio.Future[None]) -> None:
 
 async def start_fleet(processes: int, *, lesson: Any = None) -> AppFleet:
     """Spawn an :class:`AppFleet`; with ``lesson``, ``await lesson.close()`` ends it."""
-    from .pgbouncer import close_with
 
     fleet = await AppFleet(processes).start()
     if lesson is not None:
         close_with(lesson, fleet, first=True)  # before the PgBouncers and servers it uses
     return fleet
+
+
+__all__ = ["AppFleet", "FleetError", "FleetRun", "PgBouncer", "PgBouncerMissing",
+           "require_pgbouncer", "start_fleet", "start_pgbouncer"]

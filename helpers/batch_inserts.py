@@ -45,9 +45,9 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 import asyncpg
 import pandas as pd
 
-from .connect import execute_ddl
-from .paths import DATA
-from .server import find_bin_dir
+from helpers._infra.paths import DATA
+from helpers._infra.server import find_bin_dir
+from helpers.db import execute_ddl
 
 #: The seed's 100,000 users: ``id,name,age,email`` with a header line.
 USERS_CSV = DATA / "users.csv.gz"

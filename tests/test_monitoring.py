@@ -14,7 +14,7 @@ import pytest
 from matplotlib.figure import Figure
 from prometheus_client.parser import text_string_to_metric_families
 
-from helpers.monitor import (
+from helpers.monitoring import (
     WAIT_BUCKETS_S,
     InstrumentedPool,
     MetricsExporter,

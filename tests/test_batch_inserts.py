@@ -11,9 +11,8 @@ from typing import TypeVar
 import asyncpg
 import pytest
 
-from helpers import bulk
-from helpers.connect import connect, execute_ddl
-from helpers.target import Target
+from helpers import batch_inserts as bulk
+from helpers.db import Target, connect, execute_ddl
 from tests.conftest import run
 
 T = TypeVar("T")

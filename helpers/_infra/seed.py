@@ -15,8 +15,8 @@ from typing import Any
 
 import asyncpg
 
-from .connect import execute_ddl
-from .paths import DATA
+from helpers._infra.paths import DATA
+from helpers.db import execute_ddl
 
 #: pg_advisory_xact_lock key for loading the seed (any constant that no lesson uses).
 SEED_LOCK = 7_240_001
