@@ -14,6 +14,9 @@ a command-line tool (``psql``, ``pgbench``) through its environment, never its c
 (nothing listening, unknown host, wrong password, missing database, no answer) becomes one
 :class:`DatabaseUnavailable` that names host, port and what to try. :func:`execute_ddl` is the
 one rule for identifiers in SQL: the server's own ``format('%I')``, with the values bound.
+
+:class:`Target` needs only the standard library (the command line uses it before the virtual
+environment exists); asyncpg is imported where a connection is made.
 """
 
 from __future__ import annotations
@@ -25,12 +28,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsplit
 
-import asyncpg
-
 from ._infra.errors import CourseError, DatabaseUnavailable
 from ._infra.settings import settings
 
 if TYPE_CHECKING:
+    import asyncpg
+
     from ._infra.server import EmbeddedServer
 
 #: Seconds to wait for a server to answer before saying so (asyncpg's default is 60).
@@ -208,6 +211,8 @@ def resolve(start: bool = True) -> Target:
 
 def explain(exc: BaseException, target: Target) -> DatabaseUnavailable:
     """Translate a connection failure into one short, actionable message."""
+    import asyncpg
+
     where = f"{target.host}:{target.port}"
     origin = {
         "DATABASE_URL": f"from DATABASE_URL={target.masked()}",
@@ -267,6 +272,8 @@ def explain(exc: BaseException, target: Target) -> DatabaseUnavailable:
 
 async def connect(target: Target, **kwargs: Any) -> asyncpg.Connection:
     """``asyncpg.connect(target.url, **kwargs)`` that fails fast with a clear message."""
+    import asyncpg
+
     kwargs.setdefault("timeout", CONNECT_TIMEOUT_S)
     try:
         # The outer wait_for also bounds DNS lookups, which asyncpg's timeout does not cover.

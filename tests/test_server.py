@@ -162,3 +162,57 @@ def test_root_fallback_without_unshare(tmp_path: Path) -> None:
         subprocess.run([sys.executable, "-c", "import sys; from helpers._infra.server import "
                         "EmbeddedServer; EmbeddedServer(sys.argv[1]).stop()", str(home)],
                        env=env, timeout=60)
+
+
+def _holds_a_secret(path: Path, secrets: list[str]) -> bool:
+    name = path.name
+    if "password" in name or name in ("users.txt",) or name.endswith((".env", ".key")):
+        return True
+    try:
+        if path.stat().st_size > 65536:
+            return False
+        text = path.read_text(errors="ignore")
+    except OSError:
+        return False
+    return any(secret in text for secret in secrets)
+
+
+def test_no_secret_under_the_state_folder_is_readable_by_others(target) -> None:
+    """Every file under .pgcourse/ that holds a secret (the server password, PgBouncer auth
+    files, test-server URLs, TLS keys, or any file with the embedded server's password in it)
+    is readable by its owner only. PostgreSQL's data folders (0700 as a whole) and unpacked
+    server binaries are not looked into."""
+    from helpers._infra.paths import state_dir
+
+    root = state_dir()
+    if not root.exists():
+        pytest.skip(f"{root} does not exist (DATABASE_URL is set and nothing ran embedded)")
+    secrets = [target.embedded.password()] if target.embedded is not None else []
+    exposed, seen = [], 0
+    skip_dirs = {"data", "_bin", "pgbouncer"}
+    for path in root.rglob("*"):
+        rel = path.relative_to(root)
+        if skip_dirs & set(rel.parts[:-1]) or path.is_symlink() or not path.is_file():
+            continue
+        if path.name.endswith(".log") or not _holds_a_secret(path, secrets):
+            continue
+        seen += 1
+        try:
+            mode = path.stat().st_mode
+        except OSError:  # a server's files can vanish while we look
+            continue
+        if mode & 0o077:
+            exposed.append(f"{rel} ({oct(mode & 0o777)})")
+    assert not exposed, "secret files readable by others: " + ", ".join(exposed)
+    if target.embedded is not None:
+        assert seen >= 1, "the embedded server's password file was not found"
+
+
+def test_initdb_password_file_is_private(tmp_server) -> None:
+    """The password handed to initdb is created 0600, like the password file itself."""
+    from helpers._infra.server import write_secret
+
+    path = tmp_server.home / "probe-pwfile"
+    tmp_server.home.mkdir(parents=True, exist_ok=True)
+    write_secret(path, "not-a-real-password\n")
+    assert path.stat().st_mode & 0o777 == 0o600

@@ -154,6 +154,15 @@ def pid_alive(pid: int, program: str | None = "postgres") -> bool:
     return True
 
 
+def write_secret(path: Path, text: str) -> None:
+    """Create ``path`` holding ``text``, readable by its owner only (0600) from the first
+    byte; an existing file is replaced."""
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+
+
 #: Runs a program as uid 1000 in a new user namespace: PostgreSQL and PgBouncer refuse root.
 UNSHARE = ("unshare", "--user", "--map-user=1000", "--map-group=1000", "--")
 
@@ -333,13 +342,11 @@ class EmbeddedServer:
             aside = self.home / f"data.incomplete-{int(time.time())}"
             self.data_dir.rename(aside)
         if not self.password_file.exists():
-            fd = os.open(self.password_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "w") as fh:
-                fh.write(secrets.token_urlsafe(24) + "\n")
+            write_secret(self.password_file, secrets.token_urlsafe(24) + "\n")
         tmp = self.home / f"data.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         pwfile = self.home / f"pwfile.tmp-{os.getpid()}"
-        pwfile.write_text(self.password() + "\n")
+        write_secret(pwfile, self.password() + "\n")
         try:
             self._prepare_ownership(pwfile)
             self._pg(bins, "initdb", "-D", str(tmp), "-U", SUPERUSER, "--pwfile", str(pwfile),
