@@ -28,7 +28,7 @@ AUTH_METHODS = {0: "trust", 3: "password (cleartext)", 5: "md5", 10: "SCRAM-SHA-
 #: What a capability means, for messages ("... needs <this>").
 NEEDS = {
     "superuser": "a superuser",
-    "createrole": "a role that may create roles (CREATEROLE)",
+    "createrole": "a role that may create throw-away roles and clean them up (a superuser)",
     "pg_stat_statements": "pg_stat_statements (preloaded and created in this database)",
     "signal_backends": "the right to end other roles' sessions (pg_signal_backend)",
     "alter_system": "ALTER SYSTEM (a superuser)",
@@ -116,7 +116,7 @@ async def probe(conn: asyncpg.Connection, target: Target) -> Capabilities:
         SELECT current_setting('server_version') AS version,
                current_setting('server_version_num')::int AS version_num,
                current_setting('max_connections')::int AS max_connections,
-               current_user AS name, r.rolsuper, r.rolcreaterole,
+               current_user AS name, r.rolsuper,
                r.rolsuper OR pg_has_role(current_user, 'pg_signal_backend', 'MEMBER') AS signal,
                EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'pg_stat_statements') AS pgss
         FROM pg_roles r WHERE r.rolname = current_user""")
@@ -129,7 +129,9 @@ async def probe(conn: asyncpg.Connection, target: Target) -> Capabilities:
     auth, bouncer = await asyncio.gather(auth_method(target), asyncio.to_thread(_pgbouncer))
     return Capabilities(
         server_version=row["version"], server_version_num=row["version_num"], auth=auth,
-        user=row["name"], superuser=row["rolsuper"], createrole=row["rolcreaterole"],
+        # CREATEROLE alone is not enough: a non-superuser cannot DROP OWNED BY the roles it
+        # made, nor end their sessions, so a lesson could not clean up after itself.
+        user=row["name"], superuser=row["rolsuper"], createrole=row["rolsuper"],
         signal_backends=row["signal"], pg_stat_statements=pgss, restart=target.restartable,
         max_connections=row["max_connections"], pgbouncer=bouncer,
     )

@@ -127,10 +127,11 @@ class Lesson:
     async def create_role(self, suffix: str, **options: str) -> tuple[str, str]:
         """A throw-away login role for this run (dropped by :meth:`close`): (name, password).
 
-        ``options`` are role attributes, e.g. ``connection_limit="2"``. Needs CREATEROLE: on a
-        server that does not give it, use a private server (:meth:`server_with`).
+        ``options`` are role attributes, e.g. ``connection_limit="2"``. Needs a superuser (to
+        clean up: DROP OWNED BY, ending the role's sessions): elsewhere, use a private server,
+        ``await lesson.server_with("createrole")``.
         """
-        if self.caps is not None and not (self.caps.superuser or self.caps.createrole):
+        if self.caps is not None and not self.caps.createrole:
             raise CourseError(f"Role {self.caps.user!r} may not create roles on this server.",
                               "Run this section on `await lesson.server_with(\"createrole\")`.")
         name = f"{self.schema}_{suffix}"[:63]
