@@ -57,6 +57,7 @@ from typing import Any
 from helpers._infra.errors import CourseError
 from helpers._infra.paths import BUILD, ROOT
 from helpers._infra.server import EmbeddedServer, find_bin_dir
+from helpers._infra.settings import child_env
 from helpers.db import Target
 from helpers.load import run_fresh
 
@@ -66,7 +67,7 @@ PGBENCH_QUERY = "SELECT abalance FROM pgbench_accounts WHERE aid = $1"
 PGBENCH_ACCOUNTS = 100_000
 #: ``make bench`` must finish within this on 2 cores; the series gets what is left.
 BUDGET_S = 285.0
-#: The goal for pool / persistent connections (issue 9).
+#: The goal for pool / persistent connections (the README's benchmark section).
 POOL_VS_DIRECT_GOAL = 0.6
 
 LOOPS = ("asyncio", "uvloop")
@@ -197,15 +198,12 @@ def machine_line(m: dict[str, Any]) -> str:
 # -- command-line tools: pgbench and psql --------------------------------------------------------
 
 
-def tool_env(target: Target, search_path: str | None = None) -> tuple[str, dict[str, str]]:
-    """(URL without its password, environment with ``PGPASSWORD``) for pgbench: the password
-    travels in the environment, never on a command line (``ps`` shows those)."""
-    from helpers.batch_inserts import psql_environment
-
-    url, env = psql_environment(target.url)
-    if search_path:
-        env["PGOPTIONS"] = f"-c search_path={search_path}"
-    return url, env
+def tool_env(target: Target, search_path: str | None = None) -> dict[str, str]:
+    """The environment for pgbench: the connection in libpq's ``PG*`` variables
+    (:meth:`Target.libpq_env`), so that nothing, the password least of all, goes on a command
+    line (``ps`` shows those to every user)."""
+    extra = {"PGOPTIONS": f"-c search_path={search_path}"} if search_path else {}
+    return child_env(**target.libpq_env(**extra))
 
 
 def _tool(name: str) -> str:
@@ -217,9 +215,9 @@ def _tool(name: str) -> str:
 
 def pgbench_init(target: Target, schema: str, scale: int = 1) -> float:
     """``pgbench -i -s scale`` into ``schema`` (which must exist); returns seconds."""
-    url, env = tool_env(target, schema)
+    env = tool_env(target, schema)
     t0 = time.perf_counter()
-    proc = subprocess.run([_tool("pgbench"), "-i", "-s", str(scale), "-q", url],
+    proc = subprocess.run([_tool("pgbench"), "-i", "-s", str(scale), "-q"],
                           capture_output=True, text=True, env=env, timeout=120)
     if proc.returncode != 0:
         raise CourseError(f"pgbench -i failed: {proc.stderr.strip()[-300:]}")
@@ -228,11 +226,11 @@ def pgbench_init(target: Target, schema: str, scale: int = 1) -> float:
 
 def pgbench_select(target: Target, schema: str, clients: int, seconds: int) -> float:
     """``pgbench -S -M prepared`` with ``clients`` for ``seconds``: transactions/s."""
-    url, env = tool_env(target, schema)
+    env = tool_env(target, schema)
     jobs = max(1, min(clients, os.cpu_count() or 1))
     proc = subprocess.run(
         [_tool("pgbench"), "-S", "-n", "-M", "prepared", "-c", str(clients), "-j", str(jobs),
-         "-T", str(seconds), url],
+         "-T", str(seconds)],
         capture_output=True, text=True, env=env, timeout=seconds + 60)
     match = re.search(r"tps = ([\d.]+)", proc.stdout)
     if proc.returncode != 0 or not match:
@@ -308,7 +306,7 @@ def time_series(notebooks: Sequence[Path], timeout: float) -> dict[str, Any]:
     cmd = [sys.executable, "-m", "pytest", "--nbval-lax", "-p", "no:cacheprovider", "-q",
            "--nbval-cell-timeout=600", f"--junitxml={report}",
            *[str(p.relative_to(ROOT)) for p in notebooks]]
-    env = {**os.environ, "PGCOURSE_PROGRESS": "0"}
+    env = child_env(PGCOURSE_PROGRESS="0")
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
@@ -829,7 +827,6 @@ def cli(argv: list[str]) -> int:
         s = replace(s, concurrency=args.concurrency)
     if args.no_uvloop:
         s = replace(s, loops=("asyncio",))
-    os.environ.setdefault("PGCOURSE_PROGRESS", "0")
     t0 = time.perf_counter()
     with CommandDatabase():
         target = resolve()

@@ -43,9 +43,10 @@ def test_quick_run_writes_every_figure(tmp_path: Path, capsys) -> None:
 def test_tools_get_the_password_from_the_environment() -> None:
     target = Target("postgresql://alice:not-a-real-pw%21@127.0.0.1:5999/course?sslmode=disable",
                     "DATABASE_URL")
-    url, env = bench.tool_env(target, "bench_x")
-    assert "not-a-real" not in url and url.startswith("postgresql://alice@127.0.0.1:5999/course")
+    env = bench.tool_env(target, "bench_x")
     assert env["PGPASSWORD"] == "not-a-real-pw!" and env["PGOPTIONS"] == "-c search_path=bench_x"
+    assert (env["PGHOST"], env["PGPORT"], env["PGUSER"], env["PGDATABASE"], env["PGSSLMODE"]) \
+        == ("127.0.0.1", "5999", "alice", "course", "disable")
 
 
 JUNIT = """<?xml version="1.0" encoding="utf-8"?><testsuites><testsuite name="pytest">

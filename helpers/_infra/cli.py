@@ -165,9 +165,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_test(args: argparse.Namespace) -> int:
     py = sys.executable
-    print("ruff check helpers tests notebooks data", flush=True)
-    lint = subprocess.run([py, "-m", "ruff", "check", "helpers", "tests", "notebooks", "data"],
-                          cwd=ROOT)
+    print("ruff check helpers tests notebooks data .ci", flush=True)
+    lint = subprocess.run([py, "-m", "ruff", "check", "helpers", "tests", "notebooks", "data",
+                           ".ci"], cwd=ROOT)
     if lint.returncode != 0:
         return lint.returncode
     with CommandDatabase():
