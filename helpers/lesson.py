@@ -147,32 +147,42 @@ class Lesson:
         self._roles.append(name)
         return name, password
 
-    async def private_server(self, **settings: str) -> Target:
+    async def private_server(self, *, seed: bool = False, **settings: str) -> Target:
         """Start a throw-away embedded PostgreSQL for this run only; stopped and deleted by
         :meth:`close`.
 
         For lessons that restart a server or need different settings (e.g.
         ``max_connections="20"``) without disturbing anyone else on the shared database. It
         starts in about a second; its superuser password is generated like the main one's.
+        With ``seed=True`` the shop data is loaded into it too (about a second more).
         """
         home = _private_root() / self.schema / str(len(self._servers))
         server = EmbeddedServer(home, settings={k: str(v) for k, v in settings.items()})
         self._servers.append(server)
         result = await asyncio.to_thread(server.start)
-        return Target(server.url(result.port), "embedded (private to this lesson)", server)
+        target = Target(server.url(result.port), "embedded (private to this lesson)", server)
+        if seed:
+            conn = await connect(target)
+            try:
+                await ensure_seed(conn)
+            finally:
+                await conn.close()
+        return target
 
-    async def server_with(self, *needs: str, why: str = "", **settings: str) -> Target:
+    async def server_with(self, *needs: str, why: str = "", seed: bool = True,
+                          **settings: str) -> Target:
         """The lesson's own server (as :attr:`admin`) when it has every capability in ``needs``
         (keys of :data:`helpers.capabilities.NEEDS`), else a private embedded server (its
         superuser; see :meth:`private_server`). Prints one line saying which, and why.
 
-        ``settings`` always ask for a private server (they are ``postgresql.conf`` settings).
+        ``settings`` always ask for a private server (they are ``postgresql.conf`` settings);
+        a private server gets the shop data unless ``seed=False``.
         """
         caps = self.caps
         missing = [n for n in needs if caps is None or not caps.has(n)]
         if not missing and not settings:
             return self.admin
-        target = await self.private_server(**settings)
+        target = await self.private_server(seed=seed, **settings)
         reason = "; ".join(NEEDS[n] for n in missing) or ", ".join(
             f"{k}={v}" for k, v in settings.items())
         print(f"This section runs on a private embedded PostgreSQL: it needs {reason}"
