@@ -1,5 +1,7 @@
-"""The project's promises about itself: pins agree, compose file valid, CI runs the README's
-test command, notebooks follow STYLE.md and store no stray errors, paths or passwords."""
+"""The project's promises about itself: pins, lock file and environment.yml agree, compose file
+valid, CI runs the README's test command, notebooks follow the team's style guide (header,
+sections, folded and executed solutions: the checks below are its rules) and store no stray
+errors, paths or passwords."""
 
 from __future__ import annotations
 
@@ -13,21 +15,62 @@ import nbformat
 import pytest
 import yaml
 
+from helpers._infra.bootstrap import (
+    LOCK,
+    environment_yml,
+    install_commands,
+    normalize,
+    read_lock,
+    wanted_stamp,
+)
 from helpers._infra.check import pins
 from helpers._infra.paths import ROOT
 from helpers._infra.site import notebooks
 
 
-def test_environment_yml_pins_match_pyproject() -> None:
+def test_lock_pins_every_direct_pin_with_hashes() -> None:
+    """requirements.lock pins pyproject.toml's direct pins at the same versions, and every
+    package it lists (direct or transitive) is an exact pin with hashes."""
+    locked = read_lock()
+    assert locked, "requirements.lock is empty"
+    versions: dict[str, set[str]] = {}
+    for entry in locked:
+        assert entry.hashes, f"{entry.name} has no --hash in requirements.lock"
+        versions.setdefault(entry.name, set()).add(entry.version)
+    for name, version in pins(include_dev=True).items():
+        assert versions.get(normalize(name)) == {version}, (
+            f"pyproject.toml pins {name}=={version}, requirements.lock has "
+            f"{versions.get(normalize(name))}: run `python3 -m helpers._infra.bootstrap lock`")
+    # psycopg[binary] pulls in psycopg-binary: the extra's packages are locked too
+    assert versions.get("psycopg-binary") == {pins()["psycopg"]}
+    # a name locked twice must be for exclusive platforms or Pythons (markers on both)
+    for name, found in versions.items():
+        if len(found) > 1:
+            assert all(e.marker for e in locked if e.name == name), name
+
+
+def test_environment_yml_installs_the_lock() -> None:
+    """Binder / conda: environment.yml's pip section is exactly the lock's pins (markers kept)
+    and the course's package, as generated from the lock."""
     env = yaml.safe_load((ROOT / "environment.yml").read_text())
     pip_section = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
-    from_env = {}
-    for line in pip_section:
-        match = re.fullmatch(r"([A-Za-z0-9_.-]+)(\[[^\]]*\])?==(\S+)", line)
-        if match:
-            from_env[match.group(1).lower()] = match.group(3)
-    assert from_env == pins(include_dev=True)
+    assert pip_section == [e.requirement() for e in read_lock()] + ["-e ."]
     assert "python=3.11" in env["dependencies"]
+    assert (ROOT / "environment.yml").read_text() == environment_yml(read_lock())
+
+
+def test_bootstrap_installs_the_lock_and_reinstalls_when_it_changes(tmp_path: Path) -> None:
+    """The bootstrap (which CI runs: `make test` creates .venv) installs the lock with hash
+    checking and the course's package without resolving; its stamp hashes the lock file."""
+    lock_cmd, package_cmd = install_commands(Path("/venv/bin/python"))
+    assert lock_cmd[-3:] == ["--require-hashes", "-r", str(LOCK)]
+    assert "--no-deps" in package_cmd and package_cmd[-2:] == ["-e", str(ROOT)]
+    copy = tmp_path / "requirements.lock"
+    copy.write_bytes(LOCK.read_bytes())
+    assert wanted_stamp(copy) == wanted_stamp()
+    copy.write_text(LOCK.read_text() + "# one more line\n")
+    assert wanted_stamp(copy) != wanted_stamp()
+    assert "setuptools" in {e.name for e in read_lock()}, "--no-build-isolation needs it"
 
 
 def test_docker_compose_is_valid() -> None:
@@ -57,7 +100,7 @@ def test_ci_runs_the_readme_test_command() -> None:
     commands = re.findall(r"^(make \w+)$", quickstart, flags=re.M)
     assert commands[:2] == ["make run", "make test"], commands
     ci = (ROOT / ".ci" / "run").read_text()
-    assert re.search(r"^exec make test$", ci, flags=re.M)
+    assert re.search(r"^(?:exec )?make test$", ci, flags=re.M), "CI runs the README command"
 
 
 def test_no_secrets_committed() -> None:
@@ -153,7 +196,8 @@ def test_notebook_setup_error_is_one_short_message(tmp_path: Path) -> None:
 
 def test_helpers_import_without_third_party_packages() -> None:
     """`python3 -m helpers` must bootstrap from a bare Python: no third-party imports at startup."""
-    code = ("import sys, helpers, helpers.cli, helpers.server, helpers.target, helpers.bootstrap;"
+    code = ("import sys, helpers, helpers._infra.cli, helpers._infra.server, helpers.db, "
+            "helpers._infra.bootstrap, helpers._infra.settings;"
             "bad = [m for m in ('asyncpg', 'pandas', 'IPython', 'nbformat') if m in sys.modules];"
             "print(bad)")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)

@@ -2,6 +2,9 @@
 
 Checks the pinned packages ([OK]/[FAIL] with versions), then the database: where it comes
 from, that it answers, its version, and the seed data. Notebook 00 shows the same report.
+With the dev packages (``make check``) it also compares every installed package with
+``requirements.lock``: a difference is a warning (Colab installs only the direct pins), not a
+failure.
 """
 
 from __future__ import annotations
@@ -52,6 +55,36 @@ def pins(include_dev: bool = False) -> dict[str, str]:
     return out
 
 
+def lock_differences() -> list[str]:
+    """The packages of ``requirements.lock`` that apply here (their markers) and are missing
+    or installed in another version, as "name: found (lock: version)"."""
+    from packaging.markers import Marker
+
+    from helpers._infra.bootstrap import read_lock
+
+    out = []
+    for entry in read_lock():
+        if entry.marker and not Marker(entry.marker).evaluate():
+            continue
+        try:
+            found: str | None = metadata.version(entry.name)
+        except metadata.PackageNotFoundError:
+            found = None
+        if found != entry.version:
+            out.append(f"{entry.name}: {found or 'not installed'} (lock: {entry.version})")
+    return out
+
+
+def lock_line() -> str:
+    """One line on how this environment compares with ``requirements.lock``."""
+    differ = lock_differences()
+    if not differ:
+        return "[OK]   every package as in requirements.lock"
+    shown = ", ".join(differ[:5]) + (f", ... ({len(differ)} in all)" if len(differ) > 5 else "")
+    return (f"[WARN] {len(differ)} package(s) differ from requirements.lock: {shown}; "
+            "`python -m helpers venv` installs the lock")
+
+
 def check_packages(include_dev: bool = False) -> list[PackageCheck]:
     """Compare installed versions with the pins."""
     results = []
@@ -94,7 +127,10 @@ async def check_database() -> list[str]:
 
 
 def report(include_dev: bool = False) -> tuple[bool, list[str]]:
-    """The package part of the check: (all ok, lines)."""
+    """The package part of the check: (all ok, lines). ``include_dev`` adds the dev pins and
+    the comparison with the lock (a warning only)."""
     results = check_packages(include_dev)
     lines = [python_line()] + [r.line() for r in results]
+    if include_dev:
+        lines.append(lock_line())
     return all(r.ok for r in results) and sys.version_info >= (3, 11), lines

@@ -6,16 +6,19 @@ writes everything derived (and ``--check`` verifies it is current, which a test 
 
 * the prev / index / next line in every notebook's header,
 * the series table in ``README.md`` and the agenda in ``INSTRUCTOR.md`` (between markers),
-* the practice copies in ``notebooks/practice/`` (outputs cleared, solutions removed).
+* the practice copies in ``notebooks/practice/``: nbconvert's ``TagRemovePreprocessor`` drops
+  the cells tagged ``solution``, its ``ClearOutputPreprocessor`` clears the outputs.
 """
 
 from __future__ import annotations
 
+import copy
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import nbformat
+from nbconvert.preprocessors import ClearOutputPreprocessor, Preprocessor, TagRemovePreprocessor
 
 from helpers._infra.paths import NOTEBOOKS, ROOT
 
@@ -43,22 +46,28 @@ class Entry:
         return self.path.name
 
 
+def describe(path: Path) -> Entry:
+    """One notebook as its header cell describes it; ``ValueError`` when the header lacks the
+    title or the minutes line (a notebook still being written)."""
+    cells = nbformat.read(path, as_version=4).cells
+    header = cells[0].source if cells and cells[0].cell_type == "markdown" else ""
+    title = header.splitlines()[0].lstrip("# ").strip() if header.strip() else ""
+    match = _TIME.search(header)
+    if not title or not match:
+        raise ValueError(f"{path.name}: header lacks a title or "
+                         "'**Time:** N min teaching, M min exercises'")
+    # a bullet and its indented continuation lines, joined into one line
+    objectives = [" ".join(b.split()) for b in
+                  re.findall(r"^- (.+(?:\n {2,}.+)*)", header, flags=re.M)]
+    return Entry(path, path.name[:2], title, title.split(":")[0].strip(),
+                 int(match.group(1)), int(match.group(2)),
+                 objectives[0].rstrip(";.") if objectives else "")
+
+
 def series(folder: Path = NOTEBOOKS) -> list[Entry]:
-    """The notebooks in order, with what their headers say."""
-    entries = []
-    for path in sorted(folder.glob("[0-9][0-9]-*.ipynb")):
-        header = nbformat.read(path, as_version=4).cells[0].source
-        title = header.splitlines()[0].lstrip("# ").strip()
-        match = _TIME.search(header)
-        if not match:
-            raise ValueError(f"{path.name}: header lacks '**Time:** N min teaching, M min exercises'")
-        # a bullet and its indented continuation lines, joined into one line
-        objectives = [" ".join(b.split()) for b in
-                      re.findall(r"^- (.+(?:\n {2,}.+)*)", header, flags=re.M)]
-        entries.append(Entry(path, path.name[:2], title, title.split(":")[0].strip(),
-                             int(match.group(1)), int(match.group(2)),
-                             objectives[0].rstrip(";.") if objectives else ""))
-    return entries
+    """The notebooks in order, with what their headers say (``ValueError`` on a header that
+    lacks its title or minutes: everything derived needs them)."""
+    return [describe(path) for path in sorted(folder.glob("[0-9][0-9]-*.ipynb"))]
 
 
 def nav_line(entries: list[Entry], i: int) -> str:
@@ -103,19 +112,30 @@ def agenda_table(entries: list[Entry]) -> str:
     return "\n".join(rows)
 
 
+class RelinkPreprocessor(Preprocessor):
+    """Relative links in markdown cells, for a copy one folder deeper (``notebooks/practice/``):
+    links out of ``notebooks/`` (``../README.md``) get one more ``../``."""
+
+    def preprocess_cell(self, cell, resources, index):
+        if cell.cell_type == "markdown":
+            cell.source = cell.source.replace("](../", "](../../")
+        return cell, resources
+
+
+def practice_preprocessors() -> list[Preprocessor]:
+    """What makes a practice copy, in order: nbconvert's own preprocessors drop the executed
+    solution cells (tagged ``solution``) and clear every output and execution count."""
+    return [TagRemovePreprocessor(remove_cell_tags={"solution"}), ClearOutputPreprocessor(),
+            RelinkPreprocessor()]
+
+
 def practice_copy(nb: nbformat.NotebookNode) -> nbformat.NotebookNode:
     """A clean copy for learners: outputs cleared, executed solution cells removed (the folded
     ``<details>`` solutions stay in the markdown for when they are stuck)."""
-    copy = nbformat.from_dict(nb)
-    copy.cells = [c for c in copy.cells if "solution" not in c.metadata.get("tags", [])]
-    for cell in copy.cells:
-        if cell.cell_type == "code":
-            cell.outputs = []
-            cell.execution_count = None
-    for cell in copy.cells:  # one folder deeper: links out of notebooks/ need one more ../
-        if cell.cell_type == "markdown":
-            cell.source = cell.source.replace("](../", "](../../")
-    return copy
+    clean = copy.deepcopy(nb)
+    for preprocessor in practice_preprocessors():
+        clean, _ = preprocessor.preprocess(clean, {})
+    return clean
 
 
 def sync(check: bool = False) -> list[str]:
