@@ -27,6 +27,7 @@ that needs more a private embedded server, and says so in one line.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import inspect
 import json
@@ -158,6 +159,8 @@ class Lesson:
         """
         home = _private_root() / self.schema / str(len(self._servers))
         server = EmbeddedServer(home, settings={k: str(v) for k, v in settings.items()})
+        if not self._servers:  # a kernel shut down before its cleanup cell stops them too
+            atexit.register(self._stop_servers_at_exit)
         self._servers.append(server)
         result = await asyncio.to_thread(server.start)
         target = Target(server.url(result.port), "embedded (private to this lesson)", server)
@@ -197,6 +200,16 @@ class Lesson:
         print(line)
         if settings().figures_dir:
             self._write_figures()
+
+    def _stop_servers_at_exit(self) -> None:
+        """At interpreter exit (a kernel shut down after a failed cell, before the cleanup
+        cell): stop this lesson's private servers, so none is left running."""
+        if self.closed:
+            return
+        for server in self._servers:
+            with contextlib.suppress(Exception):
+                server.stop()
+        shutil.rmtree(_private_root() / self.schema, ignore_errors=True)
 
     def on_close(self, callback: Callable[[], Any], first: bool = False) -> None:
         """Run ``callback`` (a function, sync or async) in :meth:`close`, before the lesson's
