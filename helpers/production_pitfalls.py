@@ -1,15 +1,24 @@
-"""Plumbing for notebook 09 (production pitfalls): certificates for a TLS server, a hot standby
-for failover, and multi-host URLs. The lessons themselves (what asyncpg does) stay in the
-notebook; this module only builds the servers it needs.
+"""Plumbing for notebook 09 (production pitfalls): certificates and a TLS endpoint, a hot
+standby for failover, multi-host URLs, and a runner for a small app in a subprocess. The
+lessons themselves (what asyncpg does) stay in the notebook; this module only builds what they
+run against.
 
 * :func:`make_certificates` writes a throw-away certificate authority and a server certificate
   signed by it (``openssl`` command line, EC P-256 keys, valid two days, every file 0600).
-* :func:`wait_for_tls` waits until a server that was told to turn SSL on (``ALTER SYSTEM SET
-  ssl = on`` and ``pg_reload_conf()``) accepts TLS connections.
+* :class:`TlsFront` ends TLS in front of a PostgreSQL server, the way a server with
+  ``ssl = on`` does it (it answers the client's SSLRequest, then the handshake), and passes
+  the decrypted protocol on. The course's embedded PostgreSQL is built without SSL support,
+  so this is where notebook 09's clients meet a certificate. It can also play a man in the
+  middle: its own certificate, TLS stripped (``files=None`` answers "no SSL"), and a record
+  of the plaintext it passed on.
 * :func:`start_standby` makes a streaming-replication hot standby of a lesson's private server
   (``pg_basebackup -R``) and starts it next to it; the lesson stops and deletes it at cleanup.
+* :func:`run_app` (``python -m helpers.production_pitfalls app.py``) runs a small app the way
+  ``python app.py`` with ``asyncio.run(main())`` at its end does: the module's top level first,
+  with no event loop running, then ``main()`` in a new loop.
 * :func:`multi_host_url` writes ``postgresql://user:pw@h1:p1,h2:p2/db?...``, the URL form
   for several hosts that asyncpg (and libpq) accept.
+* :func:`scratch_folder` is a folder for the files a run writes, deleted at cleanup.
 
 Private servers are the course's embedded PostgreSQL, so all of this works when
 ``DATABASE_URL`` names a server where the course is a plain user.
@@ -18,23 +27,33 @@ Private servers are the course's embedded PostgreSQL, so all of this works when
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import pwd
+import runpy
 import secrets
 import shutil
+import ssl
+import struct
 import subprocess
+import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import quote, urlencode
 
 import asyncpg
 
 from helpers._infra.errors import CourseError
+from helpers._infra.paths import state_dir
 from helpers._infra.server import EmbeddedServer, find_bin_dir, unprivileged
 from helpers.db import Target
-from helpers.lesson import Lesson
+
+if TYPE_CHECKING:  # not imported at run time: ``python -m`` this module stays light
+    from helpers.lesson import Lesson
 
 #: Lines added to a primary's ``pg_hba.conf`` so that a standby on loopback may replicate.
 REPLICATION_HBA = "host replication all 127.0.0.1/32 scram-sha-256\n"
@@ -74,16 +93,13 @@ def _server_account(server: EmbeddedServer) -> pwd.struct_passwd | None:
     return pwd.getpwuid(owner) if owner != 0 else None
 
 
-def make_certificates(folder: Path, hostname: str = "localhost",
-                      owner: EmbeddedServer | None = None) -> TlsFiles:
+def make_certificates(folder: Path, hostname: str = "localhost") -> TlsFiles:
     """Write a new CA (``ca.crt``) and a server certificate for ``hostname`` signed by it
     (``server.crt``, ``server.key``) into ``folder``; every file is 0600.
 
     The certificate names ``hostname`` only (subjectAltName ``DNS:<hostname>``), so a client
     that checks host names accepts it for that name and for no other, not even the IP address
-    it resolves to. The CA's key is deleted once it has signed: nobody needs it again. When
-    ``owner`` (the server that will read the key) runs as another account, the server's files
-    are given to that account, as PostgreSQL requires for its key file.
+    it resolves to. The CA's key is deleted once it has signed: nobody needs it again.
     """
     folder.mkdir(parents=True, exist_ok=True)
     os.chmod(folder, 0o700)
@@ -103,34 +119,178 @@ def make_certificates(folder: Path, hostname: str = "localhost",
         (folder / leftover).unlink()
     files = TlsFiles(folder, folder / "ca.crt", folder / "server.crt", folder / "server.key",
                      hostname)
-    account = _server_account(owner) if owner is not None else None
     for path in (files.ca_cert, files.server_cert, files.server_key):
         os.chmod(path, 0o600)
-        if account is not None:
-            os.chown(path, account.pw_uid, account.pw_gid)
-    if account is not None:
-        os.chown(folder, account.pw_uid, account.pw_gid)
     return files
 
 
-async def wait_for_tls(target: Target, timeout: float = 10.0) -> None:
-    """Wait until ``target`` accepts a TLS connection (``sslmode=require``), e.g. after
-    ``ALTER SYSTEM SET ssl = on`` and ``pg_reload_conf()``, which take effect a moment later."""
-    deadline = time.monotonic() + timeout
-    url = target.replace(sslmode="require").url
-    while True:
+#: The first message of a client that asks for TLS (PostgreSQL protocol: length 8, code).
+SSL_REQUEST = 80877103
+#: The same for GSSAPI encryption, which the front always declines.
+GSSENC_REQUEST = 80877104
+
+
+class TlsFront:
+    """A TLS endpoint on 127.0.0.1 in front of a PostgreSQL server without TLS of its own.
+
+    It speaks PostgreSQL's SSL negotiation as a server with ``ssl = on`` does: to an
+    SSLRequest it answers ``S`` and performs the TLS handshake with ``files``' certificate and
+    key, then relays the (decrypted) protocol to ``upstream`` over plain TCP. With
+    ``files=None`` it answers ``N`` ("no SSL here"), like a server with ``ssl = off`` or an
+    attacker who strips TLS. ``record=True`` keeps a copy of everything clients sent, after
+    decryption (:meth:`seen`): what a man in the middle gets to read.
+
+    It runs its own event loop in a thread, so its half of the handshake runs beside the
+    client's, as a server's would. A teaching tool, not a production proxy.
+    """
+
+    def __init__(self, upstream: Target, files: TlsFiles | None, *, record: bool = False
+                 ) -> None:
+        self.upstream = (upstream.host, upstream.port)
+        self.files = files
+        self.record = record
+        self.port: int | None = None
+        self.handshakes: list[str] = []  # the TLS version of each completed handshake
+        self._upstream_target = upstream
+        self._seen: list[bytes] = []
+        self._context: ssl.SSLContext | None = None
+        if files is not None:
+            self._context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            self._context.load_cert_chain(files.server_cert, files.server_key)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    @property
+    def target(self) -> Target:
+        """The upstream's URL (credentials, database) with the front's host and port."""
+        if self.port is None:
+            raise RuntimeError("start() the front first")
+        return self._upstream_target.replace(host="127.0.0.1", port=self.port,
+                                             source="TLS front")
+
+    def seen(self) -> bytes:
+        """Everything clients sent through the front so far, in plaintext (``record=True``)."""
+        return b"".join(self._seen)
+
+    async def start(self) -> TlsFront:
+        """Listen on a free port of 127.0.0.1 (in the front's own thread); returns self."""
+        self._thread = threading.Thread(target=self._run, name="tls-front", daemon=True)
+        self._thread.start()
+        await asyncio.to_thread(self._ready.wait, 10)
+        if self._error is not None or self.port is None:
+            raise CourseError(f"The TLS front did not start: {self._error!r}")
+        return self
+
+    async def close(self) -> None:
+        """Stop listening, drop every connection, end the thread."""
+        if self._loop is not None and self._thread is not None and self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            await asyncio.to_thread(self._thread.join, 10)
+
+    async def __aenter__(self) -> TlsFront:
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # -- the front's own thread ------------------------------------------------------------
+
+    def _run(self) -> None:
+        loop = asyncio.new_event_loop()
+        self._loop = loop
         try:
-            conn = await asyncpg.connect(url, timeout=5)
-        except (OSError, asyncpg.PostgresError) as exc:
-            if time.monotonic() > deadline:
-                log = target.embedded.log_file if target.embedded is not None else "its log"
-                raise CourseError(f"{target.masked()} does not accept TLS connections: {exc}",
-                                  f"See {log}: a bad certificate or key is reported there."
-                                  ) from None
-            await asyncio.sleep(0.05)
-        else:
-            await conn.close()
+            server = loop.run_until_complete(
+                asyncio.start_server(self._handle, "127.0.0.1", 0))
+            self.port = int(server.sockets[0].getsockname()[1])
+        except OSError as exc:
+            self._error = exc
+            self._ready.set()
+            loop.close()
             return
+        self._ready.set()
+        try:
+            loop.run_forever()
+        finally:
+            loop.run_until_complete(self._shutdown(server))
+            loop.close()
+
+    async def _shutdown(self, server: asyncio.Server) -> None:
+        server.close()
+        for writer in list(self._writers):
+            writer.transport.abort()
+        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await server.wait_closed()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+                      ) -> None:
+        self._writers.add(writer)
+        up_writer: asyncio.StreamWriter | None = None
+        try:
+            first = await reader.readexactly(8)
+            length, code = struct.unpack("!ii", first)
+            while length == 8 and code in (SSL_REQUEST, GSSENC_REQUEST):
+                if code == SSL_REQUEST and self._context is not None:
+                    writer.write(b"S")
+                    await writer.drain()
+                    await writer.start_tls(self._context)
+                    ssl_object = writer.get_extra_info("ssl_object")
+                    self.handshakes.append(ssl_object.version() if ssl_object else "?")
+                    first = b""
+                    break
+                writer.write(b"N")  # no TLS (or no GSSAPI) here: the client decides
+                await writer.drain()
+                first = await reader.readexactly(8)
+                length, code = struct.unpack("!ii", first)
+            up_reader, up_writer = await asyncio.open_connection(*self.upstream)
+            self._writers.add(up_writer)
+            if first:
+                self._keep(first)
+                up_writer.write(first)
+            pumps = [asyncio.ensure_future(self._pump(reader, up_writer, keep=True)),
+                     asyncio.ensure_future(self._pump(up_reader, writer, keep=False))]
+            # PostgreSQL has no half-closed connections: when one side hangs up (the server
+            # after a CancelRequest, the client after Terminate), close the other one too.
+            try:
+                await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for pump in pumps:
+                    pump.cancel()
+        except (OSError, asyncio.IncompleteReadError, ssl.SSLError):
+            pass  # a client that gave up (e.g. it rejected the certificate), or a reset
+        finally:
+            for w in (writer, up_writer):
+                if w is not None:
+                    self._writers.discard(w)
+                    w.close()  # flushes what is buffered; over TLS it sends close_notify
+
+    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                    keep: bool) -> None:
+        with contextlib.suppress(OSError, ssl.SSLError):
+            while data := await reader.read(65536):
+                if keep:
+                    self._keep(data)
+                writer.write(data)
+                await writer.drain()
+
+    def _keep(self, data: bytes) -> None:
+        if self.record:
+            self._seen.append(bytes(data))
+
+
+def scratch_folder(lesson: Lesson) -> Path:
+    """A folder for files this run writes (e.g. a small app to run in a subprocess), deleted
+    by ``lesson.close()``; given relative to the working directory, so printed paths stay
+    short and say nothing about this machine."""
+    folder = state_dir() / "scratch" / lesson.schema
+    folder.mkdir(parents=True, exist_ok=True)
+    lesson.on_close(lambda: shutil.rmtree(folder, ignore_errors=True))
+    return Path(os.path.relpath(folder))
 
 
 def multi_host_url(*targets: Target, **query: str) -> str:
@@ -145,6 +305,11 @@ def multi_host_url(*targets: Target, **query: str) -> str:
     hosts = ",".join(f"{t.host}:{t.port}" for t in targets)
     tail = f"?{urlencode(query)}" if query else ""
     return f"postgresql://{userinfo}@{hosts}/{quote(first.database, safe='')}{tail}"
+
+
+def _append(path: Path, text: str) -> None:
+    with open(path, "a") as fh:
+        fh.write(text)
 
 
 def _basebackup(primary: Target, server: EmbeddedServer, data_dir: Path) -> None:
@@ -182,8 +347,7 @@ async def start_standby(lesson: Lesson, primary: Target, **settings: str) -> Tar
     server = primary.embedded
     if server is None:
         raise CourseError("start_standby needs a private server (lesson.private_server()).")
-    with open(server.data_dir / "pg_hba.conf", "a") as hba:
-        hba.write(REPLICATION_HBA)
+    await asyncio.to_thread(_append, server.data_dir / "pg_hba.conf", REPLICATION_HBA)
     conn = await asyncpg.connect(primary.url, timeout=5)
     try:
         await conn.execute("SELECT pg_reload_conf()")
@@ -200,3 +364,17 @@ async def start_standby(lesson: Lesson, primary: Target, **settings: str) -> Tar
     result = await asyncio.to_thread(standby.start)
     return Target(standby.url(result.port), "embedded hot standby (private to this lesson)",
                   standby)
+
+
+def run_app(path: str, function: str = "main") -> None:
+    """Run the app in file ``path`` as a script with ``asyncio.run(main())`` at its end does:
+    first its top level (imports, module-level objects) with no event loop running, then
+    ``function()`` (a coroutine function) in a brand-new event loop."""
+    module = runpy.run_path(path, run_name="app")  # the import: no loop runs yet
+    asyncio.run(module[function]())
+
+
+if __name__ == "__main__":
+    if len(sys.argv) not in (2, 3):
+        sys.exit("usage: python -m helpers.production_pitfalls APP.py [FUNCTION]")
+    run_app(*sys.argv[1:])
