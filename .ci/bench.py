@@ -58,6 +58,7 @@ from helpers._infra.errors import CourseError
 from helpers._infra.paths import BUILD, ROOT
 from helpers._infra.server import EmbeddedServer, find_bin_dir
 from helpers._infra.settings import child_env
+from helpers._infra.tools import load_tool
 from helpers.db import Target
 from helpers.load import run_fresh
 
@@ -124,6 +125,9 @@ class BenchResult:
     cold_start_s: float = float("nan")
     series: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    #: The stack apps run (notebooks 10 and 11): flat figures from .ci/bench_sqlalchemy.py
+    #: and .ci/bench_web.py, ratios first.
+    stack: dict[str, float] = field(default_factory=dict)
 
     def median(self, variant: str, loop: str = "asyncio") -> float:
         """Median requests/s of a request variant under an event loop (NaN if not run)."""
@@ -515,7 +519,17 @@ def run_bench(target: Target, s: Settings, *, cold_start: bool = True,
             result.bulk = asyncio.run(bulk_rounds(url, schema, s, Path(tmp)))
     finally:
         asyncio.run(_schema(url, schema, create=False))
-    result.notes.append("Insert methods from `helpers.bulk` (notebook 04), into a table "
+    _say("SQLAlchemy's async engine vs the raw pool (notebook 10) ...")
+    quick = s.requests < 1000
+    sizes = {"repeats": s.repeats, "concurrency": s.concurrency}
+    result.stack.update(asyncio.run(load_tool("bench_sqlalchemy").measure(
+        url, requests=s.requests // 2 if not quick else s.requests, warmup=s.warmup, **sizes)))
+    _say("the pool inside a web service, under HTTP load (notebook 11) ...")
+    result.stack.update(asyncio.run(load_tool("bench_web").measure(
+        url, duration_s=0.3 if quick else 1.0, connect_duration_s=0.3 if quick else 1.0,
+        requests=s.requests // 2 if not quick else s.requests, warmup=s.warmup,
+        loops=s.loops, **sizes)))
+    result.notes.append("Insert methods from `helpers.batch_inserts` (notebook 04), into a table "
                         "shaped like `shop.users` without indexes (as notebook 04 loads); psql \\copy timed by "
                         "psql's `\\timing` (without starting psql and logging in).")
     if series_mode != "skip":
@@ -542,6 +556,7 @@ def figures(r: BenchResult) -> dict[str, float]:
         "copy_vs_psql_copy": _ratio(r.bulk_median("copy"), r.bulk_median("psql_copy")),
         "copy_vs_row_loop": _ratio(r.bulk_median("copy"), r.bulk_median("row_loop")),
         "asyncpg_vs_psycopg_pool": _ratio(m("pool"), m("psycopg_pool")),
+        **r.stack,
     }
     if r.series:
         out["series_seconds"] = float(r.series["seconds"])
@@ -585,6 +600,21 @@ def _n(value: float) -> str:
     return "n/a" if value != value else f"{value:,.0f}"
 
 
+#: The stack apps run (notebooks 10 and 11): what each figure divides.
+STACK_ROWS = {
+    "sqlalchemy_core_vs_asyncpg_pool": "SQLAlchemy Core (engine defaults) / raw asyncpg pool, "
+                                       "a point read, requests/s",
+    "sqlalchemy_orm_vs_asyncpg_pool": "SQLAlchemy ORM `session.get` (defaults) / raw asyncpg "
+                                      "pool, requests/s",
+    "http_pool_vs_connect_per_request": "FastAPI endpoint with a lifespan pool / the same "
+                                        "endpoint connecting per request, requests/s over HTTP",
+    "http_pool_vs_no_db": "pooled endpoint / the same app's endpoint without a database, "
+                          "same HTTP client (the setup notebook 11 recommends)",
+    "pool_vs_direct_unit_of_work": "recommended pool / persistent connections, each acquire "
+                                   "a transaction of three queries",
+}
+
+
 def headline_table(r: BenchResult, f: dict[str, float]) -> str:
     """The README's table: each figure, its value and what it divides."""
     m = r.median
@@ -611,6 +641,9 @@ def headline_table(r: BenchResult, f: dict[str, float]) -> str:
          f"asyncpg pool / psycopg `AsyncConnectionPool` {_n(m('psycopg_pool'))} requests/s "
          f"(defaults); psycopg with autocommit: {_x(f['asyncpg_vs_psycopg_pool_autocommit'])}"),
     ]
+    for key, text in STACK_ROWS.items():
+        if key in f:
+            rows.append((key, _x(f[key]), text))
     if "series_seconds" in f:
         s = r.series
         n = len(s.get("notebooks", {}))
@@ -668,7 +701,22 @@ def goal_lines(f: dict[str, float]) -> list[str]:
             continue
         mark = "reaches" if value >= POOL_VS_DIRECT_GOAL else "misses"
         lines.append(f"- {text}: {_x(value)} ({mark} {POOL_VS_DIRECT_GOAL})")
+    for key, goal, text in STACK_GOALS:
+        value = f.get(key)
+        if value is not None and value == value:
+            mark = "reaches" if value >= goal else "misses"
+            lines.append(f"- {text} (`{key}`): {_x(value)} ({mark} {goal})")
     return lines
+
+
+#: The goals of issues 17 and 18 for the stack apps run.
+STACK_GOALS = [
+    ("sqlalchemy_core_read_vs_asyncpg_pool", 0.6,
+     "SQLAlchemy Core, the read-path setup notebook 10 recommends, vs the raw pool"),
+    ("http_pool_vs_no_db", 0.5, "the recommended pooled endpoint vs the no-database endpoint"),
+    ("pool_vs_direct_unit_of_work", 0.85,
+     "the recommended pool vs persistent connections, a unit of work per acquire"),
+]
 
 
 def markdown(r: BenchResult, f: dict[str, float]) -> str:
