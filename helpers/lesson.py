@@ -31,6 +31,7 @@ import atexit
 import contextlib
 import inspect
 import json
+import os
 import re
 import secrets
 import shutil
@@ -45,7 +46,7 @@ import asyncpg
 from helpers._infra.errors import CourseError, install_notebook_handler
 from helpers._infra.paths import state_dir
 from helpers._infra.seed import SeedInfo, ensure_seed
-from helpers._infra.server import EmbeddedServer
+from helpers._infra.server import EmbeddedServer, pid_alive
 from helpers._infra.settings import settings
 from helpers.capabilities import NEEDS, Capabilities, probe
 from helpers.db import Target, connect, execute_ddl, explain, resolve
@@ -157,7 +158,10 @@ class Lesson:
         starts in about a second; its superuser password is generated like the main one's.
         With ``seed=True`` the shop data is loaded into it too (about a second more).
         """
-        home = _private_root() / self.schema / str(len(self._servers))
+        folder = _private_root() / self.schema
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "owner.json").write_text(json.dumps({"pid": os.getpid()}))
+        home = folder / str(len(self._servers))
         server = EmbeddedServer(home, settings={k: str(v) for k, v in settings.items()})
         if not self._servers:  # a kernel shut down before its cleanup cell stops them too
             atexit.register(self._stop_servers_at_exit)
@@ -307,16 +311,27 @@ def _private_root() -> Path:
     return state_dir() / "private"
 
 
+def _owner_alive(folder: Path) -> bool:
+    """Whether the process that started a run's private servers (its kernel) still runs."""
+    try:
+        pid = int(json.loads((folder / "owner.json").read_text())["pid"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return pid_alive(pid, program=None)
+
+
 def _stop_orphaned_private_servers(live_schemas: set[str]) -> list[str]:
-    """Stop and delete private servers of runs whose schema is gone (a kernel that died
-    before its cleanup cell leaves its private server running)."""
+    """Stop and delete private servers of runs that are gone: their kernel has exited (or
+    left no owner file) and their schema is gone (a kernel that died before its cleanup cell
+    leaves its private server running). A live kernel's servers are never touched, whichever
+    database its lesson uses."""
     removed = []
     root = _private_root()
     if not root.exists():
         return removed
     for folder in root.iterdir():
-        if folder.is_dir() and folder.name not in live_schemas:
-            for home in folder.iterdir():
+        if folder.is_dir() and folder.name not in live_schemas and not _owner_alive(folder):
+            for home in (h for h in folder.iterdir() if h.is_dir()):
                 with contextlib.suppress(CourseError, OSError):
                     EmbeddedServer(home).stop()
             shutil.rmtree(folder, ignore_errors=True)
@@ -365,8 +380,9 @@ async def _create_app_role(conn: asyncpg.Connection, schema: str) -> tuple[str, 
 
 def install_notebook_conveniences() -> None:
     """Inside Jupyter: a failed :class:`CourseError` shows as one line, figures display as
-    PNG without pyplot, and the ``%%needs`` cell magic (see :func:`needs_magic`). Nothing
-    happens outside IPython. ``start_lesson`` calls it; importing ``helpers`` does not."""
+    PNG without pyplot, and cells that start with ``%%needs <capability>`` (see
+    :func:`needs_transformer`). Nothing happens outside IPython. ``start_lesson`` calls it;
+    importing ``helpers`` does not."""
     import sys
 
     install_notebook_handler()
@@ -378,34 +394,43 @@ def install_notebook_conveniences() -> None:
         from IPython.core.pylabtools import select_figure_formats
 
         select_figure_formats(shell, {"png"}, bbox_inches="tight")
-    shell.register_magic_function(needs_magic, magic_kind="cell", magic_name="needs")
+    if needs_transformer not in shell.input_transformers_cleanup:
+        shell.input_transformers_cleanup.insert(0, needs_transformer)
 
 
-def needs_magic(line: str, cell: str) -> None:
-    """``%%needs pgbouncer``: run the cell only where the capability is there; elsewhere
-    print why it is skipped and how to get it (and let ``make run`` list it). Under pytest
-    the course's plugin skips such cells with the same reason before they reach the kernel."""
-    import sys
-
-    from IPython import get_ipython
-
-    need = line.strip()
+def needs_transformer(lines: list[str]) -> list[str]:
+    """A cell that starts with ``%%needs pgbouncer`` runs as it is (top-level ``await`` and
+    the displayed last value included) where the capability is there; elsewhere it is
+    replaced by a call that prints why it is skipped and how to get what is missing, and
+    records the skip for ``make run``'s summary. Under pytest, the course's plugin skips such
+    cells with the same reason before they reach the kernel."""
+    if not lines or not lines[0].startswith("%%needs"):
+        return lines
+    need = lines[0][len("%%needs"):].strip()
     lesson = current_lesson()
-    caps = lesson.caps if lesson is not None else None
-    if caps is None or need not in NEEDS:
-        raise CourseError(f"%%needs {need}: unknown, or no lesson set up yet.",
-                          f"One of: {', '.join(NEEDS)}; run the setup cell first.")
-    if caps.has(need):
-        result = get_ipython().run_cell(cell)
-        if result.error_in_exec is not None:  # let the cell fail as itself
-            raise result.error_in_exec
-        return
+    if need not in NEEDS or lesson is None or lesson.caps is None:
+        return [f"raise __import__('helpers.lesson').lesson.unknown_need({need!r})\n"]
+    if lesson.caps.has(need):
+        return lines[1:]
+    return [f"__import__('helpers.lesson').lesson.skip_section({need!r})\n"]
+
+
+def unknown_need(need: str) -> CourseError:
+    """The error of a ``%%needs`` cell that names no known capability, or runs before setup."""
+    return CourseError(f"%%needs {need}: unknown capability, or no lesson set up yet.",
+                       f"One of: {', '.join(NEEDS)}; run the setup cell first.")
+
+
+def skip_section(need: str) -> None:
+    """What a ``%%needs`` cell runs where ``need`` is missing: one line, recorded once."""
     reason, how = missing_reason(need)
-    if lesson is not None and not any(line.startswith(f"{SKIP_PREFIX} {reason}")
-                                      for line in lesson.skipped):
+    lesson = current_lesson()
+    already = lesson is None or any(line.startswith(f"{SKIP_PREFIX} {reason}")
+                                    for line in lesson.skipped)
+    if lesson is not None and not already:
         lesson.skip(reason, how)
     else:
-        print(f"{SKIP_PREFIX} {reason}", file=sys.stdout)
+        print(f"{SKIP_PREFIX} {reason}")
 
 
 def missing_reason(need: str) -> tuple[str, str]:
