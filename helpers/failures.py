@@ -1,6 +1,6 @@
 """Failure drills for pooled connections: a leak detector, a faulty network, a server restart.
 
-Notebook 06 uses three tools from here:
+Notebook 06 uses these tools from here:
 
 * :class:`LeakDetector`: HikariCP's ``leakDetectionThreshold`` for asyncpg, which has none.
   Pass ``setup=detector.setup`` to ``create_pool``; every acquire then records the acquiring
@@ -13,11 +13,11 @@ Notebook 06 uses three tools from here:
 * :func:`terminate_when_active` kills the backend that runs a given query, and
   :func:`outage` measures, from a load run, when errors started and when requests
   succeeded again.
+* :func:`throwaway_roles`: login roles for a demonstration of privileges (on a server where
+  the given role may create roles: a private one), dropped afterwards.
 
-:data:`RECONNECT_ERRORS` is what a dropped connection can raise in asyncpg 0.32, measured:
-:data:`helpers.retry.CONNECTION_ERRORS` plus ``InternalClientError``, which asyncpg raises
-when the server's "terminating connection" message arrived but the pool handed the
-connection out before the socket's end was read.
+Which errors mean "the connection went away" is :func:`helpers.retry.is_connection_lost`
+(one definition for the course).
 """
 
 from __future__ import annotations
@@ -26,11 +26,12 @@ import asyncio
 import contextlib
 import logging
 import os
+import secrets
 import sys
 import sysconfig
 import time
 import traceback
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,16 +39,9 @@ from typing import Any
 import asyncpg
 import pandas as pd
 
-from helpers.db import Target
-from helpers.retry import CONNECTION_ERRORS
+from helpers.db import Target, connect, execute_ddl
 
 logger = logging.getLogger(__name__)
-
-#: Exceptions that mean "the connection went away" (asyncpg 0.32, measured in notebook 06).
-RECONNECT_ERRORS: tuple[type[BaseException], ...] = (
-    *CONNECTION_ERRORS,
-    asyncpg.InternalClientError,
-)
 
 # -- leak detection ---------------------------------------------------------------------------
 
@@ -349,3 +343,36 @@ def outage(df: pd.DataFrame) -> dict[str, float]:
     recovered = float(after.min()) if not after.empty else float("nan")
     return {"first_error_s": first, "last_error_s": last, "recovered_s": recovered,
             "downtime_s": recovered - first, "errors": int(len(bad))}
+
+
+# -- privileges -------------------------------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def throwaway_roles(target: Target, *names: str) -> AsyncIterator[dict[str, Target]]:
+    """``async with throwaway_roles(server, "app", "watchdog") as roles:`` creates login roles
+    (generated passwords) on ``target``'s server and yields a :class:`~helpers.db.Target` per
+    name (``roles["watchdog"].url`` connects as it); at the end their sessions are ended and
+    the roles dropped. ``target``'s role needs CREATEROLE: use a private server
+    (``lesson.private_server()``) rather than a shared one.
+    """
+    admin = await connect(target)
+    created: list[str] = []
+    try:
+        roles = {}
+        for name in names:
+            password = secrets.token_urlsafe(16)
+            await execute_ddl(admin, "CREATE ROLE %I LOGIN PASSWORD %L", name, password)
+            created.append(name)
+            roles[name] = target.replace(user=name, password=password,
+                                         source=f"role {name} (throw-away)")
+        yield roles
+    finally:
+        try:
+            for name in created:
+                await admin.execute("SELECT pg_terminate_backend(pid, 1000) "
+                                    "FROM pg_stat_activity WHERE usename = $1", name)
+                await execute_ddl(admin, "DROP OWNED BY %I", name)
+                await execute_ddl(admin, "DROP ROLE IF EXISTS %I", name)
+        finally:
+            await admin.close()

@@ -11,6 +11,10 @@ throughput (``tests/test_load.py`` prints the ratio; notebook 02 shows it).
 
 :func:`compare` runs several variants *interleaved* (A, B, C, A, B, C, ...) so that a noisy
 machine slows them all alike; assert on the ratios it reports, never on absolute times.
+
+:func:`run_open_loop` is the other kind of load (notebook 05): requests *arrive* at a fixed rate,
+whether or not the earlier ones have finished, as users of a web service do. A closed loop slows
+its arrivals down when the system slows down and so hides a growing queue; an open one shows it.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import itertools
+import random
 import statistics
 import sys
 import time
@@ -149,6 +154,80 @@ async def run_load(
     })
     df["ok"] = df["outcome"] == "ok"
     return LoadResult(label or f"c={concurrency}", concurrency, wall, df)
+
+
+async def run_open_loop(
+    request: Request,
+    *,
+    rate: float,
+    duration_s: float,
+    seed: int = 0,
+    poisson: bool = True,
+    max_in_flight: int = 5000,
+    label: str = "",
+) -> LoadResult:
+    """Start ``request(i)`` at ``rate`` per second for ``duration_s`` seconds, whether or not the
+    earlier requests have finished (an open system: arrivals do not wait for completions).
+
+    Arrivals are a Poisson process (exponential gaps, seeded by ``seed``: the same arrival
+    times every run) or, with ``poisson=False``, evenly spaced. ``latency_ms`` counts from the
+    *scheduled* arrival, so a request the generator started late is not flattered
+    ("coordinated omission"). The DataFrame has the columns of :func:`run_load` (``start_s`` is
+    the scheduled arrival, ``worker`` is 0) plus ``in_flight``: requests in progress when this
+    one arrived (itself included). A request arriving when ``max_in_flight`` are in progress is
+    not started and is recorded as ``"Shed"``, so an overloaded run still ends. The result's
+    ``concurrency`` is the largest ``in_flight`` seen; ``df.attrs["offered_rps"]`` is ``rate``.
+    """
+    if rate <= 0 or duration_s <= 0:
+        raise ValueError("rate and duration_s must be positive")
+    rng = random.Random(seed)
+    arrivals: list[float] = []
+    t = 0.0
+    while True:
+        t += rng.expovariate(rate) if poisson else 1.0 / rate
+        if t > duration_s:
+            break
+        arrivals.append(t)
+    n = len(arrivals)
+    latencies = [0.0] * n
+    outcomes = ["ok"] * n
+    in_flight_at = [0] * n
+    running: set[asyncio.Task[None]] = set()
+    perf = time.perf_counter
+    begin = perf()
+
+    async def one(i: int, due: float) -> None:
+        try:
+            await request(i)
+        except Exception as exc:  # recorded, not raised: errors are data here
+            outcomes[i] = type(exc).__name__
+        latencies[i] = perf() - due
+
+    for i, at in enumerate(arrivals):
+        delay = begin + at - perf()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        in_flight_at[i] = len(running) + 1
+        if len(running) >= max_in_flight:
+            outcomes[i] = "Shed"
+            continue
+        task = asyncio.create_task(one(i, begin + at))
+        running.add(task)
+        task.add_done_callback(running.discard)
+    if running:
+        await asyncio.gather(*running)
+    wall = perf() - begin
+    df = pd.DataFrame({
+        "request": range(n),
+        "worker": [0] * n,
+        "start_s": arrivals,
+        "latency_ms": [x * 1000 for x in latencies],
+        "outcome": outcomes,
+        "in_flight": in_flight_at,
+    })
+    df["ok"] = df["outcome"] == "ok"
+    df.attrs["offered_rps"] = rate
+    return LoadResult(label or f"{rate:g}/s", max(in_flight_at, default=0), wall, df)
 
 
 def _bar(total: int, label: str):

@@ -1,4 +1,4 @@
-"""Watch a pool while it works: client-side gauges, the server's view, Prometheus metrics.
+"""Watch a pool while it works: client-side gauges, the server's view, Prometheus metrics (05).
 
 asyncpg's :class:`~asyncpg.pool.Pool` tells you its size (``get_size()``, ``get_idle_size()``,
 ``get_min_size()``, ``get_max_size()``, ``is_closing()``) but keeps no counters: how many tasks
@@ -6,19 +6,23 @@ wait for a connection, how long they wait, how many acquires failed. This module
 by wrapping ``acquire``, and samples the rest:
 
 * :class:`InstrumentedPool` wraps a pool. ``async with ipool.acquire() as conn`` works like the
-  pool's own and counts waiters, wait times, hold times and errors; :meth:`~InstrumentedPool.
-  get_stats` returns them as a plain dict named like psycopg_pool's ``get_stats()``.
+  pool's own and counts waiters, wait times (however the acquire ended: a timed-out acquire
+  waited too), hold times and errors; :meth:`~InstrumentedPool.get_stats` returns them as a
+  plain dict named like psycopg_pool's ``get_stats()``, and :attr:`~InstrumentedPool.metrics`
+  holds the same figures as prometheus_client metrics (:class:`PoolMetrics`).
 * :class:`PoolMonitor` samples the pool every few milliseconds in a background task (and,
   given a connection, the server's ``pg_stat_activity`` for one ``application_name``) into
   DataFrames that share one clock, with phase marks; :func:`plot_timeline` draws them.
 * :func:`activity_states` (``pg_stat_activity``), :func:`statement_totals`,
   :func:`top_statements` and :func:`query_id` (``pg_stat_statements``) are the server's side.
-  ``pg_stat_statements`` counters are cumulative and global (every client of the server adds
-  to them, and PostgreSQL 18 identifies a table by name, not by schema), so read *deltas* over
-  your own time window, for your own statements' query ids, instead of calling
-  ``pg_stat_statements_reset()`` on a shared server.
-* :class:`MetricsExporter` serves the pools' gauges and counters on a local port in the
-  Prometheus text format (prometheus_client, own registry, started and stopped cleanly).
+  ``pg_stat_statements`` counters are cumulative and shared by every client of the server
+  (and PostgreSQL 18 computes a query id from table *names*, not their schema), so read
+  *deltas* over your own time window, for your own role, database and statements' query ids,
+  instead of calling ``pg_stat_statements_reset()`` on a shared server.
+  :func:`statements_pool` gives a section a pool on a server that has the extension.
+* :class:`MetricsExporter` serves pools' metrics on a local port in the Prometheus text format
+  (prometheus_client's aiohttp handler, in the notebook's event loop, started and stopped
+  cleanly).
 
 Typical use::
 
@@ -33,56 +37,117 @@ Typical use::
 from __future__ import annotations
 
 import asyncio
-import bisect
 import collections
 import contextlib
 import itertools
 import json
-import threading
 import time
-import urllib.request
 from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
-from prometheus_client import start_http_server
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import generate_latest
-from prometheus_client.registry import Collector, CollectorRegistry
+from prometheus_client.registry import Collector
 
 from helpers._infra.errors import CourseError
+from helpers.db import Target, execute_ddl
+from helpers.retry import is_connection_lost
+
+if TYPE_CHECKING:
+    from helpers.lesson import Lesson
 
 __all__ = [
-    "WAIT_BUCKETS_S", "STATES", "InstrumentedPool", "PoolMonitor", "PoolCollector",
+    "WAIT_BUCKETS_S", "ERROR_KINDS", "STATES", "InstrumentedPool", "PoolMetrics", "PoolMonitor",
     "MetricsExporter", "activity_states", "statement_totals", "top_statements", "query_id",
-    "plot_timeline",
+    "statements_pool", "plot_timeline",
 ]
 
 #: Upper bounds (seconds) of the acquire-wait histogram exported to Prometheus.
 WAIT_BUCKETS_S: tuple[float, ...] = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
                                      0.25, 0.5, 1.0, 2.5, 5.0)
+#: The ``error`` label of ``pgpool_acquire_errors_total``: a few fixed kinds (a label must not
+#: take one value per exception class), every one exported from the start, at 0.
+ERROR_KINDS: tuple[str, ...] = ("TimeoutError", "ConnectionLost", "PostgresError",
+                                "InterfaceError", "Other")
 #: ``pg_stat_activity.state`` values always present in :func:`activity_states` (others when seen).
 STATES: tuple[str, ...] = ("active", "idle", "idle in transaction")
 
 
+def error_kind(exc: BaseException) -> str:
+    """Which of :data:`ERROR_KINDS` a failed acquire counts as."""
+    if isinstance(exc, TimeoutError):
+        return "TimeoutError"  # the pool stayed exhausted for `timeout` seconds
+    if is_connection_lost(exc):
+        return "ConnectionLost"  # opening a new connection failed: server down or restarting
+    if isinstance(exc, asyncpg.PostgresError):
+        return "PostgresError"  # the server refused the connection (too many, auth, ...)
+    if isinstance(exc, asyncpg.InterfaceError):
+        return "InterfaceError"  # "pool is closing": a shutdown, or a bug
+    return "Other"
+
+
 # -- the client's side: an instrumented acquire ---------------------------------------------------
+
+class PoolMetrics:
+    """One pool's figures as prometheus_client metrics, in a registry of their own.
+
+    The counters and the histogram are updated by :class:`InstrumentedPool` as acquires happen;
+    the gauges are read from the pool when Prometheus scrapes. Label ``pool`` is the pool's
+    name. Metrics: ``pgpool_acquire_wait_seconds`` (histogram; every acquire, however it
+    ended), ``pgpool_acquires_total``, ``pgpool_acquire_errors_total`` (label ``error``, one of
+    :data:`ERROR_KINDS`), ``pgpool_connection_hold_seconds_total``, and the gauges
+    ``pgpool_connections`` (label ``state`` = idle | in_use), ``pgpool_size``,
+    ``pgpool_min_size``, ``pgpool_max_size``, ``pgpool_waiting_tasks``.
+    """
+
+    def __init__(self, ipool: InstrumentedPool) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        name, reg = ipool.name, self.registry
+        self.wait = Histogram("pgpool_acquire_wait_seconds",
+                              "Time from acquire() to a connection, or to its error",
+                              ["pool"], buckets=WAIT_BUCKETS_S, registry=reg).labels(name)
+        self.acquires = Counter("pgpool_acquires", "acquire() calls, failed ones included",
+                                ["pool"], registry=reg).labels(name)
+        errors = Counter("pgpool_acquire_errors", "Failed acquire() calls by kind of error",
+                         ["pool", "error"], registry=reg)
+        self.errors = {kind: errors.labels(name, kind) for kind in ERROR_KINDS}  # 0 from the start
+        self.hold = Counter("pgpool_connection_hold_seconds",
+                            "Total time connections were held by tasks", ["pool"],
+                            registry=reg).labels(name)
+        pool = ipool.pool
+        gauges = {
+            ("pgpool_size", "Open connections"): pool.get_size,
+            ("pgpool_min_size", "Configured min_size"): pool.get_min_size,
+            ("pgpool_max_size", "Configured max_size"): pool.get_max_size,
+            ("pgpool_waiting_tasks", "Tasks waiting in acquire()"): lambda: ipool.waiting,
+        }
+        for (metric, text), read in gauges.items():
+            Gauge(metric, text, ["pool"], registry=reg).labels(name).set_function(read)
+        by_state = Gauge("pgpool_connections", "Open connections by state", ["pool", "state"],
+                         registry=reg)
+        by_state.labels(name, "idle").set_function(pool.get_idle_size)
+        by_state.labels(name, "in_use").set_function(
+            lambda: pool.get_size() - pool.get_idle_size())
+
 
 class InstrumentedPool:
     """An asyncpg pool whose ``acquire()`` is measured: waiters, wait and hold times, errors.
 
     Only acquires made through this wrapper are counted (``ipool.acquire()``,
-    ``ipool.fetchval(...)``, ...); the wrapped pool is ``ipool.pool``. Counters are cumulative
-    since creation or the last :meth:`pop_stats` / :meth:`reset`, like psycopg_pool's.
-    The last ``keep`` wait times are kept for percentiles (:meth:`wait_percentiles`).
+    ``ipool.fetchval(...)``, ...); the wrapped pool is ``ipool.pool``. The counters of
+    :meth:`get_stats` are cumulative since creation or the last :meth:`pop_stats` /
+    :meth:`reset`, like psycopg_pool's; the Prometheus ones (:attr:`metrics`) are never reset
+    (Prometheus expects a counter to only grow). The last ``keep`` wait times are kept for
+    percentiles (:meth:`wait_percentiles`). Use it from one event loop.
     """
 
     def __init__(self, pool: asyncpg.Pool, *, name: str = "default", keep: int = 100_000) -> None:
         self.pool = pool
         self.name = name
-        self._lock = threading.Lock()  # the Prometheus exporter reads from its own thread
         self._ids = itertools.count()
         self._pending: dict[int, float] = {}  # acquires in progress: token -> start time
         self._no_waiters = asyncio.Event()
@@ -90,6 +155,7 @@ class InstrumentedPool:
         self._waits: collections.deque[float] = collections.deque(maxlen=keep)
         self._window_max = 0.0
         self._held = 0
+        self.metrics = PoolMetrics(self)
         self.reset()
 
     # -- acquiring -----------------------------------------------------------------------------
@@ -98,46 +164,24 @@ class InstrumentedPool:
     async def acquire(self, *, timeout: float | None = None) -> AsyncIterator[asyncpg.Connection]:
         """``async with ipool.acquire(timeout=...) as conn``: the pool's acquire, measured.
 
-        The wait runs from the call until a connection is handed over (queueing for a free
-        connection, or opening a new one); the hold time until it is back in the pool.
-        A failed acquire is counted by exception type (``TimeoutError`` also as a timeout).
-        """
-        perf = time.perf_counter
-        token = next(self._ids)
-        queued = self.pool.get_idle_size() == 0
-        t0 = perf()
-        self._pending[token] = t0
+        The wait runs from the call until a connection is handed over or the acquire fails
+        (timed out, pool closing, no connection to be had); the hold time until the connection
+        is back in the pool."""
+        token, t0 = next(self._ids), time.perf_counter()
+        queued = self.pool.get_idle_size() == 0  # no idle connection: this call must wait
+        self._pending[token] = t0                # "waiting" is len(self._pending)
         self._no_waiters.clear()
         try:
             conn = await self.pool.acquire(timeout=timeout)
-        except BaseException as exc:
-            self._done_waiting(token)
-            if not isinstance(exc, asyncio.CancelledError):
-                self._record_error(exc, queued)
+        except BaseException as exc:             # the failed wait counts too, and its error
+            self._acquired(token, queued, exc)
             raise
-        t1 = perf()
-        self._done_waiting(token)
-        self._record_wait(t1 - t0, queued)
-        self._held += 1
+        self._acquired(token, queued)
+        t1 = time.perf_counter()
         try:
             yield conn
         finally:
-            try:
-                lost = conn.is_closed()
-            except asyncpg.InterfaceError:  # closed and already handed back by the pool
-                lost = True
-            bad = False
-            try:
-                await self.pool.release(conn)
-            except Exception:  # e.g. the reset timed out: the pool terminates the connection
-                bad = True
-                raise
-            finally:
-                self._held -= 1
-                with self._lock:
-                    self._usage_s += perf() - t1
-                    self._lost += lost
-                    self._returns_bad += bad
+            await self._release(conn, t1)
 
     async def fetch(self, query: str, *args: Any, timeout: float | None = None) -> list:
         """``pool.fetch`` through the measured acquire."""
@@ -170,46 +214,60 @@ class InstrumentedPool:
 
     # -- bookkeeping ---------------------------------------------------------------------------
 
-    def _done_waiting(self, token: int) -> None:
-        del self._pending[token]
+    def _acquired(self, token: int, queued: bool, exc: BaseException | None = None) -> None:
+        """An acquire ended (with a connection, or with ``exc``): count it and its wait."""
+        wait_s = time.perf_counter() - self._pending.pop(token)
         if not self._pending:
             self._no_waiters.set()
-
-    def _record_wait(self, wait_s: float, queued: bool) -> None:
-        with self._lock:
-            self._num += 1
-            self._queued += queued
-            self._wait_s += wait_s
-            self._buckets[bisect.bisect_left(WAIT_BUCKETS_S, wait_s)] += 1
-            self._waits.append(wait_s)
-            self._window_max = max(self._window_max, wait_s)
-
-    def _record_error(self, exc: BaseException, queued: bool) -> None:
-        with self._lock:
-            self._num += 1
-            self._queued += queued
+        self._num += 1
+        self._queued += queued
+        self._wait_s += wait_s
+        self._waits.append(wait_s)
+        self._window_max = max(self._window_max, wait_s)
+        self.metrics.acquires.inc()
+        self.metrics.wait.observe(wait_s)
+        if exc is not None and not isinstance(exc, asyncio.CancelledError):
             kind = type(exc).__name__
             self._errors[kind] = self._errors.get(kind, 0) + 1
+            self.metrics.errors[error_kind(exc)].inc()
+        elif exc is None:
+            self._held += 1
+
+    async def _release(self, conn: asyncpg.Connection, since: float) -> None:
+        try:
+            lost = conn.is_closed()
+        except asyncpg.InterfaceError:  # closed and already handed back by the pool
+            lost = True
+        bad = False
+        try:
+            await self.pool.release(conn)
+        except Exception:  # e.g. the reset timed out: the pool terminates the connection
+            bad = True
+            raise
+        finally:
+            held_s = time.perf_counter() - since
+            self._held -= 1
+            self._usage_s += held_s
+            self._lost += lost
+            self._returns_bad += bad
+            self.metrics.hold.inc(held_s)
 
     def _take_window_max_ms(self) -> float:
         """The longest wait completed since the previous call (for the sampler), in ms."""
-        with self._lock:
-            peak, self._window_max = self._window_max, 0.0
+        peak, self._window_max = self._window_max, 0.0
         return peak * 1000
 
     def reset(self) -> None:
-        """Zero every counter and forget the recorded wait times."""
-        with self._lock:
-            self._num = 0
-            self._queued = 0
-            self._wait_s = 0.0
-            self._usage_s = 0.0
-            self._lost = 0
-            self._returns_bad = 0
-            self._errors: dict[str, int] = {}
-            self._buckets = [0] * (len(WAIT_BUCKETS_S) + 1)
-            self._waits.clear()
-            self._window_max = 0.0
+        """Zero the counters of :meth:`get_stats` and forget the recorded wait times."""
+        self._num = 0
+        self._queued = 0
+        self._wait_s = 0.0
+        self._usage_s = 0.0
+        self._lost = 0
+        self._returns_bad = 0
+        self._errors: dict[str, int] = {}
+        self._waits.clear()
+        self._window_max = 0.0
 
     # -- reading -------------------------------------------------------------------------------
 
@@ -233,33 +291,34 @@ class InstrumentedPool:
 
         Gauges: ``pool_min``, ``pool_max``, ``pool_size`` (open connections), ``pool_available``
         (idle ones), ``pool_in_use``, ``requests_waiting`` (tasks inside acquire now).
-        Counters: ``requests_num`` (acquires), ``requests_queued`` (found no idle connection),
-        ``requests_wait_ms`` (total wait), ``requests_errors`` (failed acquires, any type),
-        ``requests_timeouts`` (of which ``TimeoutError``), ``usage_ms`` (total hold time),
-        ``connections_lost`` (connections found closed when handed back, e.g. a killed backend),
-        ``returns_bad`` (``release()`` failed, e.g. its reset timed out: the acquire's
-        ``timeout`` applies to the release too, and the connection is then terminated).
+        Counters: ``requests_num`` (acquires, failed ones included), ``requests_queued`` (found
+        no idle connection), ``requests_wait_ms`` (total wait, failed acquires included, as in
+        psycopg_pool), ``requests_errors`` (failed acquires, any type), ``requests_timeouts``
+        (of which ``TimeoutError``), ``usage_ms`` (total hold time), ``connections_lost``
+        (connections found closed when handed back, e.g. a killed backend; psycopg_pool's
+        counter of that name counts those its ``check`` found broken), ``returns_bad``
+        (``release()`` failed, e.g. its reset timed out: the acquire's ``timeout`` applies to
+        the release too, and the connection is then terminated).
         """
         pool = self.pool
         size = pool.get_size()
         idle = pool.get_idle_size()
-        with self._lock:
-            return {
-                "pool_min": pool.get_min_size(),
-                "pool_max": pool.get_max_size(),
-                "pool_size": size,
-                "pool_available": idle,
-                "pool_in_use": size - idle,
-                "requests_waiting": self.waiting,
-                "requests_num": self._num,
-                "requests_queued": self._queued,
-                "requests_wait_ms": int(self._wait_s * 1000),
-                "requests_errors": sum(self._errors.values()),
-                "requests_timeouts": self._errors.get("TimeoutError", 0),
-                "usage_ms": int(self._usage_s * 1000),
-                "connections_lost": self._lost,
-                "returns_bad": self._returns_bad,
-            }
+        return {
+            "pool_min": pool.get_min_size(),
+            "pool_max": pool.get_max_size(),
+            "pool_size": size,
+            "pool_available": idle,
+            "pool_in_use": size - idle,
+            "requests_waiting": self.waiting,
+            "requests_num": self._num,
+            "requests_queued": self._queued,
+            "requests_wait_ms": int(self._wait_s * 1000),
+            "requests_errors": sum(self._errors.values()),
+            "requests_timeouts": self._errors.get("TimeoutError", 0),
+            "usage_ms": int(self._usage_s * 1000),
+            "connections_lost": self._lost,
+            "returns_bad": self._returns_bad,
+        }
 
     def pop_stats(self) -> dict[str, int]:
         """:meth:`get_stats`, then zero the counters (psycopg_pool's ``pop_stats()``)."""
@@ -269,13 +328,11 @@ class InstrumentedPool:
 
     def errors(self) -> dict[str, int]:
         """Failed acquires by exception type name, e.g. ``{'TimeoutError': 3}``."""
-        with self._lock:
-            return dict(self._errors)
+        return dict(self._errors)
 
     def wait_times_ms(self) -> np.ndarray:
         """The recorded acquire waits (the last ``keep``), in milliseconds, oldest first."""
-        with self._lock:
-            return np.array(self._waits, dtype=float) * 1000
+        return np.array(self._waits, dtype=float) * 1000
 
     def wait_percentiles(self, qs: Sequence[float] = (50, 99)) -> dict[str, float]:
         """``{'mean': .., 'p50': .., 'p99': .., 'max': ..}`` of the recorded waits (ms)."""
@@ -287,19 +344,10 @@ class InstrumentedPool:
                 **{f"p{q:g}": float(np.percentile(waits, q)) for q in qs},
                 "max": float(waits.max())}
 
-    def _histogram(self) -> tuple[list[tuple[str, int]], float, float]:
-        """Cumulative (le, count) buckets, the sum of waits (s) and the hold time (s)."""
-        with self._lock:
-            counts = list(itertools.accumulate(self._buckets))
-            wait_s, usage_s = self._wait_s, self._usage_s
-        bounds = [f"{b:g}" for b in WAIT_BUCKETS_S] + ["+Inf"]
-        return list(zip(bounds, counts, strict=True)), wait_s, usage_s
-
     def __repr__(self) -> str:
         s = self.get_stats()
         return (f"<InstrumentedPool {self.name!r} size={s['pool_size']} idle={s['pool_available']}"
                 f" waiting={s['requests_waiting']} max={s['pool_max']}>")
-
 
 # -- sampling over time ---------------------------------------------------------------------------
 
@@ -482,6 +530,7 @@ SELECT queryid, (array_agg(query ORDER BY toplevel DESC, calls DESC))[1] AS quer
        sum(total_exec_time) AS total_ms, sum(rows)::bigint AS rows
 FROM pg_stat_statements
 WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database())
+  AND userid = (SELECT oid FROM pg_roles WHERE rolname = current_user)
   AND ($1::bigint[] IS NULL OR queryid = ANY($1::bigint[]))
 GROUP BY queryid
 """
@@ -495,8 +544,9 @@ def _no_statements(exc: Exception) -> CourseError:
 
 async def statement_totals(conn: asyncpg.Connection,
                            queryids: Iterable[int] | None = None) -> pd.DataFrame:
-    """Cumulative ``pg_stat_statements`` rows of this database (optionally only ``queryids``):
-    queryid, query, calls, total_ms, rows. Keep it as the "before" of :func:`top_statements`."""
+    """Cumulative ``pg_stat_statements`` rows of this database and role (optionally only
+    ``queryids``): queryid, query, calls, total_ms, rows. Keep it as the "before" of
+    :func:`top_statements`."""
     ids = None if queryids is None else [int(q) for q in queryids]
     try:
         rows = await conn.fetch(_STATEMENTS_SQL, ids)
@@ -536,7 +586,9 @@ async def query_id(conn: asyncpg.Connection, sql: str) -> int:
 
     Uses ``EXPLAIN (VERBOSE)`` with NULL for every parameter; the connection must have the same
     ``search_path`` as the one that runs the statement. Needs ``compute_query_id`` (on, or
-    auto with pg_stat_statements loaded).
+    auto with pg_stat_statements loaded). Where ``pg_stat_statements.track`` is ``all`` (the
+    course's servers), the EXPLAIN counts as one call of the statement: take a
+    :func:`statement_totals` snapshot after it.
     """
     stmt = await conn.prepare(sql)
     nulls = [None] * len(stmt.get_parameters())
@@ -548,128 +600,137 @@ async def query_id(conn: asyncpg.Connection, sql: str) -> int:
     return int(qid)
 
 
+async def statements_pool(lesson: Lesson, target: Target, **kwargs: Any) -> asyncpg.Pool:
+    """A pool for a section that reads ``pg_stat_statements`` on ``target`` (what
+    ``lesson.server_with("pg_stat_statements")`` returned), in a schema named like the lesson's.
+
+    On the lesson's own server (``target is lesson.admin``) this is ``lesson.create_pool``: the
+    application role, the lesson's schema. On a private server it connects as that server's
+    superuser, creates the extension and the schema there, and is closed by the lesson's
+    cleanup before the server stops.
+    """
+    from helpers.lesson import close_pool
+
+    if target is lesson.admin:
+        return await lesson.create_pool(**kwargs)
+    conn = await asyncpg.connect(target.url)
+    try:
+        await conn.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+        await execute_ddl(conn, "CREATE SCHEMA IF NOT EXISTS %I", lesson.schema)
+    finally:
+        await conn.close()
+    kwargs["server_settings"] = lesson.server_settings(**kwargs.get("server_settings", {}))
+    pool = await asyncpg.create_pool(target.url, **kwargs)
+
+    async def close() -> None:
+        await close_pool(pool)
+
+    lesson.on_close(close)
+    return pool
+
+
 # -- Prometheus -----------------------------------------------------------------------------------
 
-class PoolCollector(Collector):
-    """A prometheus_client collector: reads each pool's gauges and counters at scrape time.
+class _Merged(Collector):
+    """Several pools' registries as one: samples of the same metric go under one family."""
 
-    Metrics (label ``pool`` = the :class:`InstrumentedPool`'s name): ``pgpool_connections``
-    (label ``state`` = idle | in_use), ``pgpool_size``, ``pgpool_min_size``, ``pgpool_max_size``,
-    ``pgpool_waiting_tasks``, ``pgpool_acquire_wait_seconds`` (histogram),
-    ``pgpool_acquires_total``, ``pgpool_acquire_errors_total`` (label ``error``),
-    ``pgpool_connection_hold_seconds_total``.
-    """
-
-    def __init__(self, pools: Iterable[InstrumentedPool]) -> None:
-        self.pools = list(pools)
+    def __init__(self, registries: Iterable[CollectorRegistry]) -> None:
+        self.registries = list(registries)
 
     def collect(self) -> Iterator[Any]:
-        """Called by prometheus_client on every scrape (from the server's thread)."""
-        conns = GaugeMetricFamily("pgpool_connections", "Open connections by state",
-                                  labels=["pool", "state"])
-        size = GaugeMetricFamily("pgpool_size", "Open connections", labels=["pool"])
-        min_size = GaugeMetricFamily("pgpool_min_size", "Configured min_size", labels=["pool"])
-        max_size = GaugeMetricFamily("pgpool_max_size", "Configured max_size", labels=["pool"])
-        waiting = GaugeMetricFamily("pgpool_waiting_tasks",
-                                    "Tasks waiting in acquire() for a connection",
-                                    labels=["pool"])
-        wait = HistogramMetricFamily("pgpool_acquire_wait_seconds",
-                                     "Time from acquire() to getting a connection",
-                                     labels=["pool"])
-        acquires = CounterMetricFamily("pgpool_acquires", "acquire() calls, failed included",
-                                       labels=["pool"])
-        errors = CounterMetricFamily("pgpool_acquire_errors", "Failed acquire() calls by error",
-                                     labels=["pool", "error"])
-        hold = CounterMetricFamily("pgpool_connection_hold_seconds",
-                                   "Total time connections were held by tasks",
-                                   labels=["pool"])
-        for p in self.pools:
-            stats = p.get_stats()
-            buckets, wait_s, usage_s = p._histogram()
-            name = [p.name]
-            conns.add_metric([p.name, "idle"], stats["pool_available"])
-            conns.add_metric([p.name, "in_use"], stats["pool_in_use"])
-            size.add_metric(name, stats["pool_size"])
-            min_size.add_metric(name, stats["pool_min"])
-            max_size.add_metric(name, stats["pool_max"])
-            waiting.add_metric(name, stats["requests_waiting"])
-            wait.add_metric(name, buckets=buckets, sum_value=wait_s)
-            acquires.add_metric(name, stats["requests_num"])
-            for kind, n in sorted(p.errors().items()):
-                errors.add_metric([p.name, kind], n)
-            hold.add_metric(name, usage_s)
-        yield from (conns, size, min_size, max_size, waiting, wait, acquires, errors, hold)
+        families: dict[str, Any] = {}
+        for registry in self.registries:
+            for family in registry.collect():  # new objects at every collect: safe to extend
+                if family.name in families:
+                    families[family.name].samples.extend(family.samples)
+                else:
+                    families[family.name] = family
+        yield from families.values()
 
 
 class MetricsExporter:
     """Serve pools' metrics over HTTP for Prometheus, on 127.0.0.1 and a free port.
 
-    ``async with MetricsExporter(ipool) as exporter:`` starts the server in a daemon thread
-    and shuts it down (socket closed, thread joined) at the end. It has its own registry, so
-    ``/metrics`` holds the pools' metrics only, and a second exporter never clashes with it.
+    ``async with MetricsExporter(ipool, ...) as exporter:`` starts an aiohttp server with
+    prometheus_client's own handler in the running event loop (so the gauges read the pools
+    from the loop that owns them) and stops it at the end. Its registry holds the pools'
+    metrics only (no process or GC metrics), so two exporters never clash.
     """
 
     def __init__(self, *pools: InstrumentedPool, addr: str = "127.0.0.1", port: int = 0) -> None:
+        self.pools = pools
         self.registry = CollectorRegistry(auto_describe=True)
-        self.collector = PoolCollector(pools)
-        self.registry.register(self.collector)
+        self.registry.register(_Merged(p.metrics.registry for p in pools))
         self.addr = addr
         self._port = port
-        self._server: Any = None
-        self._thread: threading.Thread | None = None
+        self._runner: Any = None
 
-    def start(self) -> MetricsExporter:
+    async def start(self) -> MetricsExporter:
         """Start serving (port 0 picks a free one: see :attr:`url`)."""
-        if self._server is not None:
+        from aiohttp import web
+        from prometheus_client.aiohttp import make_aiohttp_handler
+
+        if self._runner is not None:
             raise RuntimeError("this MetricsExporter is already serving")
-        self._server, self._thread = start_http_server(self._port, addr=self.addr,
-                                                       registry=self.registry)
+        app = web.Application()
+        app.router.add_get("/metrics", make_aiohttp_handler(self.registry))
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, self.addr, self._port).start()
+        self._runner = runner
         return self
 
-    def stop(self) -> None:
-        """Shut the server down and wait for its thread (blocks up to about 0.5 s)."""
-        server, thread, self._server, self._thread = self._server, self._thread, None, None
-        if server is not None:
-            server.shutdown()
-            server.server_close()
-        if thread is not None:
-            thread.join(timeout=5)
+    async def stop(self) -> None:
+        """Stop serving and close the socket (twice is fine)."""
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            await runner.cleanup()
 
     async def __aenter__(self) -> MetricsExporter:
-        return self.start()
+        return await self.start()
 
     async def __aexit__(self, *exc: object) -> None:
-        await asyncio.to_thread(self.stop)
+        await self.stop()
 
     @property
     def serving(self) -> bool:
         """True between :meth:`start` and :meth:`stop`."""
-        return self._thread is not None and self._thread.is_alive()
+        return self._runner is not None
 
     @property
     def port(self) -> int:
         """The port it listens on."""
-        if self._server is None:
+        if self._runner is None:
             raise RuntimeError("the exporter is not serving: start() it first")
-        return int(self._server.server_port)
+        return int(self._runner.addresses[0][1])
 
     @property
     def url(self) -> str:
         """``http://127.0.0.1:<port>/metrics``."""
         return f"http://{self.addr}:{self.port}/metrics"
 
-    def text(self) -> str:
-        """The exposition text, generated directly (no HTTP)."""
-        return generate_latest(self.registry).decode()
+    def text(self, prefix: str = "pgpool_") -> str:
+        """The exposition text, generated directly (no HTTP), like :meth:`scrape`."""
+        return _keep(generate_latest(self.registry).decode(), prefix)
 
     async def scrape(self, prefix: str = "pgpool_", timeout: float = 5.0) -> str:
-        """GET :attr:`url` as Prometheus would (in a thread); keep the lines about ``prefix``."""
-        def get() -> str:
-            with urllib.request.urlopen(self.url, timeout=timeout) as response:  # noqa: S310
-                return response.read().decode()
+        """GET :attr:`url` as Prometheus would; keep the lines about ``prefix``, without the
+        ``_created`` series (when each series began: Prometheus's own bookkeeping)."""
+        import aiohttp
 
-        text = await asyncio.to_thread(get)
-        return "\n".join(line for line in text.splitlines() if prefix in line) + "\n"
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as s, \
+                s.get(self.url) as response:
+            return _keep(await response.text(), prefix)
+
+
+def _keep(text: str, prefix: str) -> str:
+    """The lines of exposition ``text`` about metrics named ``prefix...``, minus ``_created``."""
+    kept = []
+    for line in text.splitlines():
+        name = line.split()[2] if line.startswith("#") else line.split("{")[0].split(" ")[0]
+        if name.startswith(prefix) and not name.endswith("_created"):
+            kept.append(line)
+    return "\n".join(kept) + "\n"
 
 
 # -- the picture ----------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from helpers.load import (
     median_rps,
     paired_ratio,
     run_load,
+    run_open_loop,
     summarize,
     sweep,
 )
@@ -172,3 +173,45 @@ def test_paired_ratio_takes_the_median_of_per_round_ratios() -> None:
     assert paired_ratio(both["fast"], both["slow"]) == statistics.median(rounds) > 1
     single = run(run_load(fast, requests=10, concurrency=1))
     assert paired_ratio(single, both["slow"]) == single.rps / both["slow"].rps  # no rounds
+
+
+def test_open_loop_keeps_arriving_and_counts_from_the_due_time() -> None:
+    """An open loop starts requests at its rate whether or not earlier ones finished: with one
+    "server" slot and service slower than the arrivals, requests pile up and latency (from the
+    scheduled arrival) grows; arrivals are the same for the same seed."""
+    async def open_run(**kwargs):
+        slot = asyncio.Semaphore(1)  # one request at a time, 4 ms each: capacity 250/s
+
+        async def served(i: int) -> None:
+            async with slot:
+                await asyncio.sleep(0.004)
+            if i == 5:
+                raise ValueError("recorded, not raised")
+
+        return await run_open_loop(served, **kwargs)
+
+    under = run(open_run(rate=100, duration_s=0.3, seed=7))
+    over = run(open_run(rate=500, duration_s=0.3, seed=7))
+    again = run(open_run(rate=500, duration_s=0.3, seed=7))
+    even = run(open_run(rate=200, duration_s=0.1, poisson=False))
+    assert list(over.df["start_s"]) == list(again.df["start_s"])  # seeded arrivals
+    assert 100 < len(over.df) < 200 and over.df["start_s"].is_monotonic_increasing
+    assert set(over.df.columns) >= {"request", "start_s", "latency_ms", "outcome", "ok",
+                                    "in_flight"}
+    assert over.df.attrs["offered_rps"] == 500 and over.errors == 1
+    assert over.concurrency == over.df["in_flight"].max() > 20  # a queue formed
+    assert over.percentile(99) > 5 * under.percentile(50)
+    assert under.df["in_flight"].max() < over.df["in_flight"].max()
+    assert len(even.df) == 19 or len(even.df) == 20  # every 5 ms for 0.1 s
+    assert even.df["start_s"].diff().dropna().round(6).nunique() == 1
+
+
+def test_open_loop_sheds_past_max_in_flight() -> None:
+    async def stuck(i: int) -> None:
+        await asyncio.sleep(0.05)
+
+    result = run(run_open_loop(stuck, rate=2000, duration_s=0.05, max_in_flight=10, seed=1))
+    assert result.concurrency == 11  # the first shed request saw 10 in progress, plus itself
+    assert (result.df["outcome"] == "Shed").sum() == len(result.df) - 10
+    with pytest.raises(ValueError):
+        run(run_open_loop(stuck, rate=0, duration_s=1))

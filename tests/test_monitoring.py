@@ -14,7 +14,9 @@ import pytest
 from matplotlib.figure import Figure
 from prometheus_client.parser import text_string_to_metric_families
 
+from helpers.lesson import start_lesson
 from helpers.monitoring import (
+    ERROR_KINDS,
     WAIT_BUCKETS_S,
     InstrumentedPool,
     MetricsExporter,
@@ -23,6 +25,7 @@ from helpers.monitoring import (
     plot_timeline,
     query_id,
     statement_totals,
+    statements_pool,
     top_statements,
 )
 from tests.conftest import run
@@ -213,37 +216,75 @@ def test_exporter_serves_scrapes_and_stops(target) -> None:
     async def scenario():
         async with asyncpg.create_pool(target.url, min_size=1, max_size=2) as pool:
             a, b = InstrumentedPool(pool, name="a"), InstrumentedPool(pool, name="b")
+            fresh = MetricsExporter(b).text()  # before anything happened
             await a.fetchval("SELECT 1")
             async with a.acquire(), a.acquire():  # both connections held
                 with pytest.raises(TimeoutError):
-                    await _acquire_with_timeout(a, 0.01)
+                    await _acquire_with_timeout(a, 0.02)
             async with MetricsExporter(a, b) as exporter, MetricsExporter(a) as other:
                 assert exporter.serving and exporter.port != other.port
                 scraped = await exporter.scrape()
                 full = await asyncio.to_thread(
                     lambda: urllib.request.urlopen(exporter.url, timeout=5).read().decode())
                 url = exporter.url
-            return scraped, full, url, exporter, a.get_stats()
+            return fresh, scraped, full, url, exporter, a.get_stats()
 
-    scraped, full, url, exporter, stats = run(scenario())
+    fresh, scraped, full, url, exporter, stats = run(scenario())
     values = _samples(scraped)
     assert values[("pgpool_acquires_total", (("pool", "a"),))] == stats["requests_num"] == 4
     assert values[("pgpool_acquires_total", (("pool", "b"),))] == 0
     assert values[("pgpool_acquire_errors_total",
                    (("error", "TimeoutError"), ("pool", "a")))] == 1
+    for kind in ERROR_KINDS:  # every kind of error exists from the start, at 0
+        assert _samples(fresh)[("pgpool_acquire_errors_total",
+                                (("error", kind), ("pool", "b")))] == 0
     assert values[("pgpool_size", (("pool", "a"),))] == stats["pool_size"]
     assert values[("pgpool_max_size", (("pool", "a"),))] == 2
     assert values[("pgpool_connections", (("pool", "a"), ("state", "idle")))] == \
         stats["pool_available"]
-    assert values[("pgpool_acquire_wait_seconds_count", (("pool", "a"),))] == 3  # not failed
+    # the timed-out acquire is in the wait histogram too, with at least its timeout
+    assert values[("pgpool_acquire_wait_seconds_count", (("pool", "a"),))] == 4
+    assert values[("pgpool_acquire_wait_seconds_bucket", (("le", "0.01"), ("pool", "a")))] <= 3
+    assert values[("pgpool_acquire_wait_seconds_sum", (("pool", "a"),))] >= 0.02
     buckets = [k for k in values if k[0] == "pgpool_acquire_wait_seconds_bucket"
                and ("pool", "a") in k[1]]
     assert len(buckets) == len(WAIT_BUCKETS_S) + 1
     assert all(line.startswith(("pgpool_", "# HELP pgpool_", "# TYPE pgpool_"))
                for line in scraped.splitlines())
+    assert "_created" not in scraped and "_created" in full  # scrape() leaves out bookkeeping
+    assert full.count("# TYPE pgpool_acquires_total counter") == 1  # two pools, one family
     assert "python_gc" not in full  # its own registry: no default process metrics
     assert not exporter.serving
     with pytest.raises(urllib.error.URLError):
         urllib.request.urlopen(url, timeout=2)
     with pytest.raises(RuntimeError, match="not serving"):
         exporter.port  # noqa: B018
+
+
+def test_statements_pool_on_a_private_server(target) -> None:
+    """Where the lesson's server lacks pg_stat_statements the section runs on a private server:
+    the pool lands there, with the extension created and the lesson's schema first on its
+    search_path, and it is closed by the lesson's cleanup."""
+    async def scenario():
+        lesson = await start_lesson("95-monitoring", pool=False)
+        try:
+            own = await statements_pool(lesson, lesson.admin, min_size=1, max_size=1)
+            own_user = await own.fetchval("SELECT current_user")
+            private = await lesson.private_server()
+            pool = await statements_pool(lesson, private, min_size=1, max_size=1)
+            async with pool.acquire() as conn:
+                await conn.execute("CREATE TABLE t (id int)")
+                schema = await conn.fetchval(
+                    "SELECT relnamespace::regnamespace::text FROM pg_class WHERE relname = 't'")
+                qid = await query_id(conn, "SELECT count(*) FROM t WHERE id = $1")
+                before = await statement_totals(conn, [qid])  # EXPLAIN counts with track=all
+                await conn.fetchval("SELECT count(*) FROM t WHERE id = $1", 1)
+                top = await top_statements(conn, since=before, queryids=[qid])
+            return lesson, own_user, schema, top, pool
+        finally:
+            await lesson.close()
+
+    lesson, own_user, schema, top, pool = run(scenario())
+    assert own_user == lesson.target.user  # the application role on the lesson's own server
+    assert schema == lesson.schema and list(top["calls"]) == [1]
+    assert pool.is_closing()  # closed by lesson.close()
