@@ -34,10 +34,10 @@ import os
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Annotated, Any
+from typing import Any
 
 import asyncpg
-from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
+from fastapi import APIRouter, FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse
 
 logger = logging.getLogger("uvicorn.error")  # uvicorn's log: one stream for the whole server
@@ -123,38 +123,25 @@ def unavailable(request: Request, detail: str) -> JSONResponse:
                         headers={"Retry-After": str(request.app.state.settings.retry_after)})
 
 
-class PoolTimeout(TimeoutError):
-    """``pool.acquire(timeout=...)`` ran out: every connection is busy."""
-
-
-@app.exception_handler(PoolTimeout)
-async def pool_exhausted(request: Request, exc: PoolTimeout) -> JSONResponse:
-    return unavailable(request, "all database connections are busy")
+@app.exception_handler(TimeoutError)
+async def database_busy(request: Request, exc: TimeoutError) -> JSONResponse:
+    # No free connection within DB_ACQUIRE_TIMEOUT (or a query timed out): shed the load.
+    return unavailable(request, "database busy")
 
 
 async def database_down(request: Request, exc: Exception) -> JSONResponse:
     return unavailable(request, "database unavailable")
 
 
-for _exc in DATABASE_DOWN:  # handlers are looked up along the exception's class hierarchy
-    app.add_exception_handler(_exc, database_down)
+for _exc in DATABASE_DOWN:  # handlers are found along the exception's class hierarchy, so
+    app.add_exception_handler(_exc, database_down)  # TimeoutError (an OSError) stays "busy"
 
 
-async def connection(request: Request) -> AsyncIterator[asyncpg.Connection]:
-    """One pooled connection per request (a FastAPI dependency), released, and reset, after
-    the response is sent. Waits at most ``DB_ACQUIRE_TIMEOUT`` for a free connection."""
-    pool: asyncpg.Pool = request.app.state.pool
-    try:
-        conn = await pool.acquire(timeout=request.app.state.settings.acquire_timeout)
-    except TimeoutError:
-        raise PoolTimeout from None
-    try:
-        yield conn
-    finally:
-        await pool.release(conn)
-
-
-Connection = Annotated[asyncpg.Connection, Depends(connection)]
+def acquire(request: Request) -> Any:
+    """This request's one connection: ``async with acquire(request) as conn``. Waits at
+    most ``DB_ACQUIRE_TIMEOUT`` for a free one, then raises ``TimeoutError`` (a 503)."""
+    state = request.app.state
+    return state.pool.acquire(timeout=state.settings.acquire_timeout)
 
 
 @app.get("/ping")
@@ -164,17 +151,19 @@ async def ping() -> dict[str, bool]:
 
 
 @app.get("/users/{user_id}")
-async def get_user(user_id: int, conn: Connection) -> dict[str, Any]:
-    row = await conn.fetchrow(USER_SQL, user_id)
+async def get_user(user_id: int, request: Request) -> dict[str, Any]:
+    async with acquire(request) as conn:  # released (and reset) when the block ends
+        row = await conn.fetchrow(USER_SQL, user_id)
     if row is None:
         raise HTTPException(404, "no such user")
     return dict(row)
 
 
 @app.get("/users/{user_id}/summary")
-async def user_summary(user_id: int, conn: Connection) -> dict[str, Any]:
+async def user_summary(user_id: int, request: Request) -> dict[str, Any]:
     """A realistic unit of work: three queries that must agree, in one transaction."""
-    async with conn.transaction(isolation="repeatable_read", readonly=True):
+    async with acquire(request) as conn, \
+            conn.transaction(isolation="repeatable_read", readonly=True):
         user = await conn.fetchrow(USER_SQL, user_id)
         if user is None:
             raise HTTPException(404, "no such user")
@@ -186,9 +175,10 @@ async def user_summary(user_id: int, conn: Connection) -> dict[str, Any]:
 
 
 @app.get("/reports/slow")
-async def slow_report(conn: Connection, seconds: float = 0.05) -> dict[str, float]:
+async def slow_report(request: Request, seconds: float = 0.05) -> dict[str, float]:
     """Holds its connection for ``seconds`` (at most 2): stands in for a slow query."""
-    await conn.execute("SELECT pg_sleep($1)", min(max(seconds, 0.0), 2.0))
+    async with acquire(request) as conn:
+        await conn.execute("SELECT pg_sleep($1)", min(max(seconds, 0.0), 2.0))
     return {"slept_s": seconds}
 
 
