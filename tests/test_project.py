@@ -202,3 +202,33 @@ def test_helpers_import_without_third_party_packages() -> None:
             "print(bad)")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+#: A measured figure in prose: a speed-up factor, a rate, a percentage.
+_FIGURE = re.compile(
+    r"(?<![\w.`$])\d+(?:\.\d+)?\s*(?:x|×)(?!\w|\s*\d)"  # "38x", not "2 × 6" (a product)
+    r"|(?<![\w.`])\d[\d,.]*\s*k?\s*(?:requests|rows|transactions|queries|req)/s\b"
+    r"|\b\d+(?:\.\d+)?\s*%")
+#: Sentences where a number is a threshold, a computation or a stated range, not a reading.
+_NOT_A_READING = re.compile(r"assert|claim|theor|=|goal|target|range|between|at most|headroom|"
+                            r"default",
+                            re.IGNORECASE)
+
+
+@pytest.mark.parametrize("path", notebooks(), ids=lambda p: p.stem)
+def test_no_measured_figure_typed_in_prose(path: Path) -> None:
+    """Prose never types a figure a cell measures (the learner's machine prints another one):
+    it says "printed above", or formats the sentence from the recorded value. A number that is
+    an assertion's threshold, a computation or a documented range is allowed."""
+    nb = nbformat.read(path, as_version=4)
+    found = []
+    for i, cell in enumerate(nb.cells):
+        if cell.cell_type != "markdown":
+            continue
+        text = re.sub(r"```.*?```", "", cell.source, flags=re.S)
+        text = re.sub(r"`[^`]*`", "", text)
+        for sentence in re.split(r"(?<=[.!?])\s+|\n\s*\n|\n- ", text):
+            for match in _FIGURE.finditer(sentence):
+                if not _NOT_A_READING.search(sentence):
+                    found.append(f"cell {i}: {match.group(0)!r} in {sentence.strip()[:120]!r}")
+    assert not found, "measured figures typed into prose:\n" + "\n".join(found)
