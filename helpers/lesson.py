@@ -311,16 +311,24 @@ def _private_root() -> Path:
     return state_dir() / "private"
 
 
-def _owner_alive(folder: Path) -> bool:
-    """Whether the process that started a run's private servers (its kernel) still runs."""
+def _owner(folder: Path) -> int | None:
+    """The pid of the process (a kernel) that started a run's private servers, if recorded."""
     try:
-        pid = int(json.loads((folder / "owner.json").read_text())["pid"])
+        return int(json.loads((folder / "owner.json").read_text())["pid"])
     except (OSError, ValueError, KeyError, TypeError):
-        return False
-    return pid_alive(pid, program=None)
+        return None
 
 
-def _stop_orphaned_private_servers(live_schemas: set[str]) -> list[str]:
+def _orphaned(folder: Path, live_schemas: set[str] | None) -> bool:
+    """A run's private servers are orphaned when the kernel that started them has exited;
+    for folders without an owner file (older runs), when the run's schema is gone."""
+    owner = _owner(folder)
+    if owner is not None:
+        return not pid_alive(owner, program=None)
+    return live_schemas is not None and folder.name not in live_schemas
+
+
+def _stop_orphaned_private_servers(live_schemas: set[str] | None) -> list[str]:
     """Stop and delete private servers of runs that are gone: their kernel has exited (or
     left no owner file) and their schema is gone (a kernel that died before its cleanup cell
     leaves its private server running). A live kernel's servers are never touched, whichever
@@ -330,7 +338,7 @@ def _stop_orphaned_private_servers(live_schemas: set[str]) -> list[str]:
     if not root.exists():
         return removed
     for folder in root.iterdir():
-        if folder.is_dir() and folder.name not in live_schemas and not _owner_alive(folder):
+        if folder.is_dir() and _orphaned(folder, live_schemas):
             for home in (h for h in folder.iterdir() if h.is_dir()):
                 with contextlib.suppress(CourseError, OSError):
                     EmbeddedServer(home).stop()
@@ -466,10 +474,11 @@ async def start_lesson(
         caps = await probe(conn, target)
         seed = await ensure_seed(conn)
         await _drop_stale_schemas(conn)
-        if target.embedded is not None:  # private servers belong to the embedded setup's folder
+        live = None  # schemas only tell for the embedded setup, whose folder this is
+        if target.embedded is not None:
             live = {r[0] for r in await conn.fetch(
                 "SELECT nspname FROM pg_namespace WHERE nspname LIKE $1", SCHEMA_PREFIX + "%")}
-            await asyncio.to_thread(_stop_orphaned_private_servers, live)
+        await asyncio.to_thread(_stop_orphaned_private_servers, live)
         schema = f"{SCHEMA_PREFIX}{_slug(lesson_id)}_{secrets.token_hex(3)}"
         await execute_ddl(conn, "CREATE SCHEMA %I", schema)
         note = json.dumps({"lesson": lesson_id, "created": time.time()})

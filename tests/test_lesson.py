@@ -6,7 +6,6 @@ import json
 import time
 
 import asyncpg
-import pytest
 
 from helpers.db import connect, execute_ddl
 from helpers.lesson import STALE_AFTER_S, start_lesson
@@ -141,11 +140,18 @@ def test_private_server_is_started_and_removed(target) -> None:
     assert not home.exists()
 
 
+def _exited_pid() -> int:
+    """The pid of a process that has exited (what a killed kernel leaves in owner.json)."""
+    import subprocess
+
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
 def test_private_server_of_a_dead_run_is_stopped(target) -> None:
-    """A kernel that dies before cleanup leaves its private server running; once its schema is
-    gone (dropped as stale), the next lesson's setup stops and deletes that server."""
-    if target.embedded is None:
-        pytest.skip("private servers of dead runs are only reaped on the embedded setup")
+    """A kernel that dies before cleanup leaves its private server running; the next lesson's
+    setup stops and deletes it, because the kernel that owned it is gone."""
 
     async def scenario():
         import helpers.lesson as lesson_module
@@ -153,14 +159,35 @@ def test_private_server_of_a_dead_run_is_stopped(target) -> None:
         dead = await start_lesson("89-dead", pool=False)
         private = await dead.private_server()
         lesson_module._current = None  # the kernel "died": close() never runs
-        admin = await connect(target)
-        try:
-            await execute_ddl(admin, "DROP SCHEMA %I CASCADE", dead.schema)
-        finally:
-            await admin.close()
+        owner = lesson_module._private_root() / dead.schema / "owner.json"
+        owner.write_text(json.dumps({"pid": _exited_pid()}))
         fresh = await start_lesson("89-next", pool=False)
         await fresh.close()
-        return private
-    private = run(scenario())
+        return private, dead
+    private, dead = run(scenario())
     assert not private.embedded.status().running
     assert not private.embedded.home.exists()
+    run(dead.close())
+
+
+def test_private_server_of_a_live_run_is_never_touched(target) -> None:
+    """Another run's private server survives a lesson's setup while its kernel lives, even
+    when its schema is not in this database (a DATABASE_URL run beside an embedded one)."""
+
+    async def scenario():
+        import helpers.lesson as lesson_module
+
+        other = await start_lesson("88-other", pool=False)
+        private = await other.private_server()
+        lesson_module._current = None  # set up by "another kernel" (this live process)
+        admin = await connect(target)
+        try:
+            await execute_ddl(admin, "DROP SCHEMA %I CASCADE", other.schema)
+        finally:
+            await admin.close()
+        fresh = await start_lesson("88-next", pool=False)
+        await fresh.close()
+        alive = private.embedded.status().running
+        await other.close()
+        return alive
+    assert run(scenario()), "a live run's private server was stopped by another run's setup"
