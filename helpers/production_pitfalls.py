@@ -1,7 +1,6 @@
 """Plumbing for notebook 09 (production pitfalls): certificates and a TLS endpoint, a hot
-standby for failover, multi-host URLs, and a runner for a small app in a subprocess. The
-lessons themselves (what asyncpg does) stay in the notebook; this module only builds what they
-run against.
+standby for failover, multi-host URLs and a scratch folder. The lessons themselves (what
+asyncpg does) stay in the notebook; this module only builds what they run against.
 
 * :func:`make_certificates` writes a throw-away certificate authority and a server certificate
   signed by it (``openssl`` command line, EC P-256 keys, valid two days, every file 0600).
@@ -13,9 +12,6 @@ run against.
   of the plaintext it passed on.
 * :func:`start_standby` makes a streaming-replication hot standby of a lesson's private server
   (``pg_basebackup -R``) and starts it next to it; the lesson stops and deletes it at cleanup.
-* :func:`run_app` (``python -m helpers.production_pitfalls app.py``) runs a small app the way
-  ``python app.py`` with ``asyncio.run(main())`` at its end does: the module's top level first,
-  with no event loop running, then ``main()`` in a new loop.
 * :func:`multi_host_url` writes ``postgresql://user:pw@h1:p1,h2:p2/db?...``, the URL form
   for several hosts that asyncpg (and libpq) accept.
 * :func:`scratch_folder` is a folder for the files a run writes, deleted at cleanup.
@@ -27,23 +23,22 @@ Private servers are the course's embedded PostgreSQL, so all of this works when
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import os
 import pwd
-import runpy
 import secrets
 import shutil
 import ssl
 import struct
 import subprocess
-import sys
 import tempfile
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
-from urllib.parse import quote, urlencode
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
@@ -52,7 +47,7 @@ from helpers._infra.paths import state_dir
 from helpers._infra.server import EmbeddedServer, find_bin_dir, unprivileged
 from helpers.db import Target
 
-if TYPE_CHECKING:  # not imported at run time: ``python -m`` this module stays light
+if TYPE_CHECKING:  # not imported at run time: importing this module stays light
     from helpers.lesson import Lesson
 
 #: Lines added to a primary's ``pg_hba.conf`` so that a standby on loopback may replicate.
@@ -295,16 +290,20 @@ def scratch_folder(lesson: Lesson) -> Path:
 
 def multi_host_url(*targets: Target, **query: str) -> str:
     """One URL naming several servers, in order, with the first one's user, password and
-    database: ``postgresql://user:pw@h1:p1,h2:p2/db?target_session_attrs=...``."""
+    database: ``postgresql://user:pw@h1:p1,h2:p2/db?target_session_attrs=...``.
+
+    :class:`~helpers.db.Target` holds one host, so this is the first target's URL (credentials,
+    database and ``query`` quoted by :meth:`Target.replace`) with its host list put in place of
+    its one host.
+    """
     if not targets:
         raise ValueError("multi_host_url needs at least one target")
     first = targets[0]
-    userinfo = quote(first.user, safe="")
-    if first.password is not None:
-        userinfo += ":" + quote(first.password, safe="")
-    hosts = ",".join(f"{t.host}:{t.port}" for t in targets)
-    tail = f"?{urlencode(query)}" if query else ""
-    return f"postgresql://{userinfo}@{hosts}/{quote(first.database, safe='')}{tail}"
+    parts = urlsplit(first.replace(database=first.database, **query).url)
+    userinfo, at, _ = parts.netloc.rpartition("@")
+    hosts = ",".join(f"[{t.host}]:{t.port}" if ":" in t.host else f"{t.host}:{t.port}"
+                     for t in targets)
+    return urlunsplit(parts._replace(netloc=f"{userinfo}{at}{hosts}"))
 
 
 def _append(path: Path, text: str) -> None:
@@ -335,6 +334,11 @@ def _basebackup(primary: Target, server: EmbeddedServer, data_dir: Path) -> None
         time.sleep(0.1)
 
 
+def _stop_at_exit(server: EmbeddedServer) -> None:
+    with contextlib.suppress(Exception):
+        server.stop()
+
+
 async def start_standby(lesson: Lesson, primary: Target, **settings: str) -> Target:
     """Start a hot standby of ``primary`` (a :meth:`Lesson.private_server`), streaming from
     it; stopped and deleted by ``lesson.close()``. ``settings`` are ``postgresql.conf``
@@ -360,21 +364,10 @@ async def start_standby(lesson: Lesson, primary: Target, **settings: str) -> Tar
     shutil.copy2(server.password_file, home / "password")  # 0600, like the original
     standby = EmbeddedServer(home, settings={k: str(v) for k, v in settings.items()})
     lesson.on_close(standby.stop)  # runs before the lesson deletes its private folder
+    # A kernel shut down before its cleanup cell: stop the standby at interpreter exit, as the
+    # lesson does for its own private servers (the standby is not one of them).
+    atexit.register(_stop_at_exit, standby)
     await asyncio.to_thread(_basebackup, primary, server, standby.data_dir)
     result = await asyncio.to_thread(standby.start)
     return Target(standby.url(result.port), "embedded hot standby (private to this lesson)",
                   standby)
-
-
-def run_app(path: str, function: str = "main") -> None:
-    """Run the app in file ``path`` as a script with ``asyncio.run(main())`` at its end does:
-    first its top level (imports, module-level objects) with no event loop running, then
-    ``function()`` (a coroutine function) in a brand-new event loop."""
-    module = runpy.run_path(path, run_name="app")  # the import: no loop runs yet
-    asyncio.run(module[function]())
-
-
-if __name__ == "__main__":
-    if len(sys.argv) not in (2, 3):
-        sys.exit("usage: python -m helpers.production_pitfalls APP.py [FUNCTION]")
-    run_app(*sys.argv[1:])

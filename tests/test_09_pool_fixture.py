@@ -52,7 +52,7 @@ async def pool() -> AsyncIterator[asyncpg.Pool]:
     """One pool for the whole test session, opened in the session's event loop."""
     try:
         pool = await asyncpg.create_pool(
-            database_url(), min_size=1, max_size=2, timeout=5,
+            database_url(), min_size=1, max_size=2, timeout=10,
             server_settings={"application_name": APPLICATION_NAME})
     except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError,
             DatabaseUnavailable) as exc:
@@ -90,7 +90,7 @@ async def test_runs_in_the_loop_that_opened_the_pool(
     assert await pool.fetchval("SELECT current_setting('application_name')") == APPLICATION_NAME
 
 
-async def test_writes_are_rolled_back(conn: asyncpg.Connection) -> None:
+async def test_runs_in_a_transaction(conn: asyncpg.Connection) -> None:
     await conn.execute("CREATE TEMP TABLE scratch (n int)")
     await conn.execute("INSERT INTO scratch VALUES (1), (2)")
     assert conn.is_in_transaction()
