@@ -1,26 +1,36 @@
-"""Bulk inserts, one small function per method, measured side by side.
+"""Bulk inserts, one small function per method, measured side by side (notebooks 04 and 08).
 
-Notebook 04 and the benchmarks (``copy_vs_row_loop``, ``copy_vs_psql_copy``) share this one
-implementation. Every method loads rows of the seed's ``users`` shape, ``(id, name, age,
-email)`` = ``(int, text, int, text)``, into a table made by :func:`create_users_table`:
+Notebook 04, notebook 08 and the benchmarks (``copy_vs_row_loop``, ``copy_vs_psql_copy``) share
+this one implementation. Every method loads rows of the seed's ``users`` shape, ``(id, name,
+age, email)`` = ``(int, text, int, text)``, into a table made by :func:`create_users_table`:
 
-* :func:`insert_row_loop`: one ``execute()`` per row (each row commits on its own unless you
-  are inside a transaction); :func:`insert_row_loop_transaction`: the same loop in one
-  transaction;
-* :func:`insert_executemany`: ``executemany()``, one statement pipelined once per row;
+* :func:`insert_row_loop`: one ``execute()`` per row. asyncpg prepares the statement once (its
+  statement cache) and then waits for the server's answer after every row: a round trip per
+  row, and a commit per row unless you are inside a transaction;
+  :func:`insert_row_loop_transaction`: the same loop in one transaction;
+* :func:`insert_executemany`: ``executemany()``, the same statement, prepared once too, executed
+  once per row; the difference from the loop is the waiting: the executions are pipelined;
 * :func:`insert_unnest`: one ``INSERT ... SELECT FROM unnest($1::int[], ...)``, a column per
   array parameter;
-* :func:`insert_values`: multi-row ``VALUES ($1, $2, $3, $4), (...)``, chunked below the
-  protocol's limit of 32,767 bound parameters per statement;
+* :func:`insert_values`: multi-row ``VALUES ($1, $2, $3, $4), (...)``, chunked below asyncpg's
+  limit of 32,767 bound parameters per statement. A chunk's text is far longer than asyncpg's
+  ``max_cacheable_statement_size`` (15 KiB), so it is never cached: every chunk is parsed and
+  planned again;
 * :func:`insert_copy`: ``copy_records_to_table()``, binary COPY;
 * :class:`PsqlCopy`: ``psql \\copy`` from a CSV file, the reference every driver is held to.
 
-:func:`compare_inserts` runs them interleaved (each into its own fresh table, truncated
+Table names are quoted by the server, the course's one rule (:func:`helpers.db.format_sql`,
+``format('%I')``): :func:`quote_table` asks once and returns a :class:`QuotedTable`, which the
+methods accept in place of a name, so that :func:`compare_inserts` quotes every table before it
+starts timing. ``copy_records_to_table`` is given the name and schema and quotes them itself.
+
+:func:`compare_inserts` runs the methods interleaved (each into its own fresh table, truncated
 between repeats, row counts verified) and returns every timing as a DataFrame.
 
 For big files: :func:`generate_users_csv` writes a CSV of any size, :func:`copy_csv_file`
 streams it through COPY, :func:`copy_csv_records` streams parsed records, and
 :func:`copy_csv_in_memory` reads everything first; :func:`peak_memory` says what each costs.
+:func:`fsync_ms` says whether a folder's disk really waits for a flush (a durable commit does).
 """
 
 from __future__ import annotations
@@ -33,6 +43,7 @@ import os
 import re
 import statistics
 import sys
+import tempfile
 import threading
 import time
 import tracemalloc
@@ -40,24 +51,27 @@ from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Se
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
-from urllib.parse import unquote, urlsplit, urlunsplit
 
 import asyncpg
 import pandas as pd
 
 from helpers._infra.paths import DATA
 from helpers._infra.server import find_bin_dir
-from helpers.db import execute_ddl
+from helpers._infra.settings import child_env
+from helpers.db import Target, connect, execute_ddl, format_sql
 
 #: The seed's 100,000 users: ``id,name,age,email`` with a header line.
 USERS_CSV = DATA / "users.csv.gz"
 #: Column names of every table this module loads, in order.
 COLUMNS: tuple[str, ...] = ("id", "name", "age", "email")
-#: Bound parameters per statement: the wire protocol counts them in a 16-bit field, and
-#: asyncpg refuses more than this before sending anything.
+#: Bound parameters per statement that asyncpg accepts: its own limit, checked when it binds
+#: the values (``protocol/prepared_stmt.pyx``), after the statement was sent to be parsed. The
+#: protocol's Bind message counts parameters in 16 bits (at most 65,535).
 MAX_QUERY_ARGS = 32767
 #: Rows of four columns that fit in one multi-row VALUES statement (8,191).
 VALUES_ROWS = MAX_QUERY_ARGS // len(COLUMNS)
+#: asyncpg's default ``max_cacheable_statement_size``: longer statement texts are not cached.
+MAX_CACHEABLE_STATEMENT_SIZE = 15 * 1024
 
 #: One row: (id, name, age, email).
 Row = tuple[int, str, int, str]
@@ -67,6 +81,7 @@ T = TypeVar("T")
 class InsertMethod(Protocol):
     """``await method(conn, table, rows, schema=None)``: load ``rows`` into ``table``.
 
+    ``table`` is a name, or a :class:`QuotedTable` (a name that knows its quoted form).
     Returns None, or the seconds the method measured itself (``psql`` reports its own time,
     without its process start-up and login).
     """
@@ -121,8 +136,8 @@ def synthetic_users(n: int, start_id: int = 1) -> Iterator[Row]:
 
 
 def generate_users_csv(path: Path | str, n: int, start_id: int = 1) -> int:
-    """Write a CSV of ``n`` synthetic users to ``path`` quickly (about 1 s per million rows);
-    returns its size in bytes. Memory stays flat: rows are written in blocks of 50,000."""
+    """Write a CSV of ``n`` synthetic users to ``path``; returns its size in bytes. Memory
+    stays flat: rows are written in blocks of 50,000."""
     path = Path(path)
     block = 50_000
     with open(path, "w", encoding="utf-8") as fh:
@@ -134,16 +149,35 @@ def generate_users_csv(path: Path | str, n: int, start_id: int = 1) -> int:
     return path.stat().st_size
 
 
-def quote_ident(name: str) -> str:
-    """A safely quoted SQL identifier (``"my ""odd"" table"``), as PostgreSQL's quote_ident."""
-    if "\x00" in name:
-        raise ValueError("identifiers cannot contain NUL characters")
-    return '"' + name.replace('"', '""') + '"'
+class QuotedTable(str):
+    """A table's name that also carries its quoted form for SQL (made by :func:`quote_table`).
+
+    The string itself is the plain name, what ``copy_records_to_table(table_name=...)`` and
+    psycopg's ``sql.Identifier`` want; ``.sql`` is the server's quoting, ``"schema"."table"``
+    (or just ``"table"``, found through the search_path); ``.schema`` is the schema it was
+    quoted for.
+    """
+
+    sql: str
+    schema: str | None
+
+    def __new__(cls, name: str, sql: str, schema: str | None = None) -> QuotedTable:
+        obj = super().__new__(cls, name)
+        obj.sql = sql
+        obj.schema = schema
+        return obj
 
 
-def table_sql(table: str, schema: str | None = None) -> str:
-    """``"schema"."table"`` (or just ``"table"``, found through search_path), quoted."""
-    return f"{quote_ident(schema)}.{quote_ident(table)}" if schema else quote_ident(table)
+async def quote_table(conn: asyncpg.Connection, table: str,
+                      schema: str | None = None) -> QuotedTable:
+    """``table`` (in ``schema``, or found through the search_path) quoted by the server with
+    ``format('%I')`` (:func:`helpers.db.format_sql`): one round trip, which a
+    :class:`QuotedTable` quoted for the same schema saves (it is returned as it is)."""
+    if isinstance(table, QuotedTable) and table.schema == schema:
+        return table
+    names = (schema, table) if schema else (table,)
+    sql = await format_sql(conn, "%I.%I" if schema else "%I", *names)
+    return QuotedTable(str(table), sql, schema)
 
 
 async def create_users_table(conn: asyncpg.Connection, table: str, *, schema: str | None = None,
@@ -157,7 +191,7 @@ async def create_users_table(conn: asyncpg.Connection, table: str, *, schema: st
     write-ahead log (faster, emptied after a crash: for staging data only).
     """
     where = "%I.%I" if schema else "%I"
-    names = (schema, table) if schema else (table,)
+    names = (schema, str(table)) if schema else (str(table),)
     if replace:
         await execute_ddl(conn, f"DROP TABLE IF EXISTS {where}", *names)
     key = " PRIMARY KEY" if primary_key else ""
@@ -172,21 +206,27 @@ async def create_users_table(conn: asyncpg.Connection, table: str, *, schema: st
 
 async def count_rows(conn: asyncpg.Connection, table: str, schema: str | None = None) -> int:
     """``SELECT count(*)`` of a table."""
-    return int(await conn.fetchval(f"SELECT count(*) FROM {table_sql(table, schema)}"))
+    name = await quote_table(conn, table, schema)
+    return int(await conn.fetchval(f"SELECT count(*) FROM {name.sql}"))
 
 
 # -- the methods -----------------------------------------------------------------------------
 
-def _insert_sql(table: str, schema: str | None) -> str:
-    return (f"INSERT INTO {table_sql(table, schema)} ({', '.join(COLUMNS)}) "
+async def insert_sql(conn: asyncpg.Connection, table: str, schema: str | None = None) -> str:
+    """``INSERT INTO <table> (id, name, age, email) VALUES ($1, $2, $3, $4)``, the table's name
+    quoted by the server (:func:`quote_table`)."""
+    name = await quote_table(conn, table, schema)
+    return (f"INSERT INTO {name.sql} ({', '.join(COLUMNS)}) "
             f"VALUES ({', '.join(f'${i + 1}' for i in range(len(COLUMNS)))})")
 
 
 async def insert_row_loop(conn: asyncpg.Connection, table: str, rows: Sequence[Row], *,
                           schema: str | None = None) -> None:
-    """One ``execute()`` per row: a round trip per row and, outside a transaction, a commit
-    per row. The slowest way, and the most common one in tutorials."""
-    sql = _insert_sql(table, schema)
+    """One ``execute()`` per row. asyncpg prepares the statement once (its statement cache)
+    and reuses it, so each row costs a round trip, not a parse: the client waits for every
+    row's answer and, outside a transaction, for a commit per row. The slowest way, and the
+    most common one in tutorials."""
+    sql = await insert_sql(conn, table, schema)
     for row in rows:
         await conn.execute(sql, *row)
 
@@ -200,44 +240,52 @@ async def insert_row_loop_transaction(conn: asyncpg.Connection, table: str,
 
 async def insert_executemany(conn: asyncpg.Connection, table: str, rows: Sequence[Row], *,
                              schema: str | None = None) -> None:
-    """``executemany()``: the statement is prepared once and its executions are pipelined
-    (no waiting per row). Atomic since asyncpg 0.22: all rows or none."""
-    await conn.executemany(_insert_sql(table, schema), rows)
+    """``executemany()``: the statement is prepared once, like the loop's, and executed once
+    per row, but the executions are pipelined: the client does not wait for each row's answer.
+    Atomic since asyncpg 0.22: all rows or none."""
+    await conn.executemany(await insert_sql(conn, table, schema), rows)
 
 
 async def insert_unnest(conn: asyncpg.Connection, table: str, rows: Sequence[Row], *,
                         schema: str | None = None) -> None:
     """One statement, one array parameter per column: ``INSERT ... SELECT * FROM
     unnest($1::int[], $2::text[], $3::int[], $4::text[])``. Four parameters, however many rows."""
+    name = await quote_table(conn, table, schema)
     columns = [list(col) for col in zip(*rows, strict=True)] if rows else [[]] * len(COLUMNS)
     await conn.execute(
-        f"INSERT INTO {table_sql(table, schema)} ({', '.join(COLUMNS)}) "
+        f"INSERT INTO {name.sql} ({', '.join(COLUMNS)}) "
         "SELECT * FROM unnest($1::integer[], $2::text[], $3::integer[], $4::text[])",
         *columns,
     )
 
 
-def values_sql(table: str, nrows: int, schema: str | None = None) -> str:
+async def values_sql(conn: asyncpg.Connection, table: str, nrows: int,
+                     schema: str | None = None) -> str:
     """``INSERT INTO t (...) VALUES ($1, $2, $3, $4), ($5, ...)`` for ``nrows`` rows: only
     placeholders, the values travel as bound parameters."""
+    name = await quote_table(conn, table, schema)
     width = len(COLUMNS)
     groups = ", ".join(
         "(" + ", ".join(f"${r * width + c + 1}" for c in range(width)) + ")" for r in range(nrows)
     )
-    return f"INSERT INTO {table_sql(table, schema)} ({', '.join(COLUMNS)}) VALUES {groups}"
+    return f"INSERT INTO {name.sql} ({', '.join(COLUMNS)}) VALUES {groups}"
 
 
 async def insert_values(conn: asyncpg.Connection, table: str, rows: Sequence[Row], *,
                         schema: str | None = None, rows_per_statement: int = VALUES_ROWS,
                         atomic: bool = True) -> None:
     """Multi-row ``VALUES`` with bound parameters, ``rows_per_statement`` rows per statement
-    (at most 8,191 for four columns: 32,767 parameters). ``atomic`` wraps the chunks in one
-    transaction; without it every chunk commits on its own."""
+    (at most 8,191 for four columns: 32,767 parameters). A full chunk's text is longer than
+    ``max_cacheable_statement_size``, so asyncpg does not cache it: the server parses and plans
+    every chunk anew. ``atomic`` wraps the chunks in one transaction; without it every chunk
+    commits on its own."""
+    table = await quote_table(conn, table, schema)  # once, not per chunk
+
     async def chunks() -> None:
         for start in range(0, len(rows), rows_per_statement):
             chunk = rows[start:start + rows_per_statement]
             args = [value for row in chunk for value in row]
-            await conn.execute(values_sql(table, len(chunk), schema), *args)
+            await conn.execute(await values_sql(conn, table, len(chunk), schema), *args)
 
     if atomic and not conn.is_in_transaction():
         async with conn.transaction():
@@ -249,7 +297,8 @@ async def insert_values(conn: asyncpg.Connection, table: str, rows: Sequence[Row
 async def insert_copy(conn: asyncpg.Connection, table: str, rows: Iterable[Row], *,
                       schema: str | None = None) -> None:
     """``copy_records_to_table()``: binary COPY, rows streamed in large buffers, one
-    statement. Also takes a generator or an async iterable (nothing is held in memory)."""
+    statement. Also takes a generator or an async iterable (nothing is held in memory).
+    asyncpg quotes the table and schema names itself."""
     await conn.copy_records_to_table(table, records=rows, columns=list(COLUMNS),
                                      schema_name=schema)
 
@@ -285,38 +334,40 @@ def psql_binary() -> Path:
     return path
 
 
-def psql_environment(dsn: str) -> tuple[str, dict[str, str]]:
-    """Split a URL for psql: the URL without its password (safe on a command line, where
-    every user of the machine can read it in ``ps``) and an environment with ``PGPASSWORD``."""
-    parts = urlsplit(dsn)
-    env = dict(os.environ)
-    if parts.password is not None:
-        env["PGPASSWORD"] = unquote(parts.password)
-    host = parts.netloc.rsplit("@", 1)[-1]
-    user = parts.netloc.rsplit("@", 1)[0].split(":", 1)[0] if "@" in parts.netloc else ""
-    netloc = f"{user}@{host}" if user else host
-    return urlunsplit(parts._replace(netloc=netloc)), env
+def _as_target(dsn: str | Target) -> Target:
+    return dsn if isinstance(dsn, Target) else Target(dsn, "psql")
 
 
-async def psql_copy(dsn: str, table: str, csv_path: Path | str, *, schema: str,
+async def psql_copy(dsn: str | Target, table: str, csv_path: Path | str, *, schema: str,
                     columns: Sequence[str] = COLUMNS, header: bool = True,
-                    timeout: float = 300) -> PsqlResult:
+                    timeout: float = 300, conn: asyncpg.Connection | None = None) -> PsqlResult:
     """Load a CSV file with ``psql \\copy ... FROM STDIN`` (the file is psql's standard input).
 
-    The password goes through ``PGPASSWORD`` in psql's environment, never on its command line.
-    ``schema`` is required: psql's session does not have your search_path.
+    psql gets the connection from libpq's ``PG*`` variables in its environment
+    (:meth:`helpers.db.Target.libpq_env`): nothing on its command line, the password least of
+    all (every user of the machine can read a command line in ``ps``). ``schema`` is required:
+    psql's session does not have your search_path. The names are quoted by the server
+    (``format('%I')``) on ``conn``, or on a short connection of this function's own.
     """
-    url, env = psql_environment(dsn)
-    target = f"{table_sql(table, schema)} ({', '.join(quote_ident(c) for c in columns)})"
-    command = f"\\copy {target} FROM STDIN WITH (FORMAT csv, HEADER {str(header).lower()})"
+    target = _as_target(dsn)
+    template = "%I.%I (" + ", ".join("%I" for _ in columns) + ")"
+    if conn is None:
+        quoting = await connect(target)
+        try:
+            names = await format_sql(quoting, template, schema, str(table), *columns)
+        finally:
+            await quoting.close()
+    else:
+        names = await format_sql(conn, template, schema, str(table), *columns)
+    command = f"\\copy {names} FROM STDIN WITH (FORMAT csv, HEADER {str(header).lower()})"
     t0 = time.perf_counter()
     source = await asyncio.to_thread(open, csv_path, "rb")
     try:
         proc = await asyncio.create_subprocess_exec(
-            str(psql_binary()), "-X", "-v", "ON_ERROR_STOP=1", "-d", url,
+            str(psql_binary()), "-X", "-v", "ON_ERROR_STOP=1",
             "-c", "\\timing on", "-c", command,
             stdin=source, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-            env=env,
+            env=child_env(**target.libpq_env()),
         )
         try:
             out, err = await asyncio.wait_for(proc.communicate(), timeout)
@@ -342,19 +393,19 @@ async def psql_copy(dsn: str, table: str, csv_path: Path | str, *, schema: str,
 class PsqlCopy:
     """``psql \\copy`` of one CSV file as an :data:`InsertMethod` (for :func:`compare_inserts`).
 
-    The rows passed in are ignored (they are the file's contents; the caller wrote them with
-    :func:`write_csv`); the table's schema is the connection's current schema unless given.
-    Returns psql's own timing of the COPY.
+    ``dsn`` is a URL or a :class:`helpers.db.Target`. The rows passed in are ignored (they are
+    the file's contents; the caller wrote them with :func:`write_csv`); the table's schema is
+    the connection's current schema unless given. Returns psql's own timing of the COPY.
     """
 
-    def __init__(self, dsn: str, csv_path: Path | str) -> None:
-        self.dsn = dsn
+    def __init__(self, dsn: str | Target, csv_path: Path | str) -> None:
+        self.target = _as_target(dsn)
         self.csv_path = Path(csv_path)
 
     async def __call__(self, conn: asyncpg.Connection, table: str, rows: Sequence[Row], *,
                        schema: str | None = None) -> float:
         schema = schema or str(await conn.fetchval("SELECT current_schema()"))
-        result = await psql_copy(self.dsn, table, self.csv_path, schema=schema)
+        result = await psql_copy(self.target, table, self.csv_path, schema=schema, conn=conn)
         return result.seconds
 
 
@@ -371,17 +422,19 @@ async def compare_inserts(conn: asyncpg.Connection,
                           primary_key: bool = True) -> pd.DataFrame:
     """Time each method loading its rows, interleaved (A, B, C, A, B, C, ...).
 
-    Each method gets its own fresh table (:func:`table_name`), truncated before every run; after
-    every run the row count is checked. Returns one row per run: ``method``, ``repeat``,
+    Each method gets its own fresh table (:func:`table_name`), truncated before every run, and
+    is passed its :class:`QuotedTable` (quoted once, before any timing); after every run the
+    row count is checked. Returns one row per run: ``method``, ``repeat``,
     ``rows``, ``seconds``, ``rows_per_s``. :func:`median_rates` summarizes it.
     """
-    tables = {name: table_name(name) for name in methods}
-    for name in methods:
-        await create_users_table(conn, tables[name], schema=schema, primary_key=primary_key)
+    tables = {}
+    for name in methods:  # created and quoted before the clock starts
+        await create_users_table(conn, table_name(name), schema=schema, primary_key=primary_key)
+        tables[name] = await quote_table(conn, table_name(name), schema)
     records: list[dict[str, Any]] = []
     for repeat in range(repeats):
         for name, (method, rows) in methods.items():
-            await conn.execute(f"TRUNCATE {table_sql(tables[name], schema)}")
+            await conn.execute(f"TRUNCATE {tables[name].sql}")
             t0 = time.perf_counter()
             reported = await method(conn, tables[name], rows, schema=schema)
             seconds = time.perf_counter() - t0 if reported is None else reported
@@ -538,18 +591,37 @@ async def _sampled_peak(func: Callable[[], Awaitable[T]], process: Any) -> Memor
     return MemoryPeak(max(highest - before, 0), seconds, "sampled RSS", result)
 
 
+def fsync_ms(folder: Path | str, flushes: int = 20) -> float:
+    """Median milliseconds that writing 8 KiB to a file in ``folder`` and ``os.fsync`` take:
+    what a durable commit waits for. A few microseconds mean the disk does not really flush
+    (tmpfs, or a disk or VM that acknowledges writes from a cache): commits cost little there
+    whatever the settings say."""
+    times = []
+    fd, name = tempfile.mkstemp(dir=folder, prefix="fsync-probe-")
+    try:
+        for _ in range(flushes):
+            os.write(fd, b"\0" * 8192)
+            t0 = time.perf_counter()
+            os.fsync(fd)
+            times.append(time.perf_counter() - t0)
+    finally:
+        os.close(fd)
+        os.unlink(name)
+    return statistics.median(times) * 1000
+
+
 def file_size_mb(path: Path | str) -> float:
     """A file's size in megabytes (10^6 bytes)."""
     return Path(path).stat().st_size / 1e6
 
 
 __all__ = [
-    "COLUMNS", "MAX_QUERY_ARGS", "METHODS", "USERS_CSV", "VALUES_ROWS", "InsertMethod",
-    "MemoryPeak", "PsqlCopy", "PsqlResult", "Row", "compare_inserts", "copy_csv_file",
-    "copy_csv_in_memory", "copy_csv_records", "count_rows", "create_users_table",
-    "file_size_mb", "generate_users_csv", "insert_copy", "insert_executemany",
-    "insert_row_loop", "insert_row_loop_transaction", "insert_unnest", "insert_values",
-    "iter_csv_records", "median_rates", "peak_memory", "psql_binary", "psql_copy",
-    "psql_environment", "quote_ident", "read_users", "synthetic_users", "table_name",
-    "table_sql", "values_sql", "write_csv",
+    "COLUMNS", "MAX_CACHEABLE_STATEMENT_SIZE", "MAX_QUERY_ARGS", "METHODS", "USERS_CSV",
+    "VALUES_ROWS", "InsertMethod", "MemoryPeak", "PsqlCopy", "PsqlResult", "QuotedTable", "Row",
+    "compare_inserts", "copy_csv_file", "copy_csv_in_memory", "copy_csv_records", "count_rows",
+    "create_users_table", "file_size_mb", "fsync_ms", "generate_users_csv", "insert_copy",
+    "insert_executemany", "insert_row_loop", "insert_row_loop_transaction", "insert_sql",
+    "insert_unnest", "insert_values", "iter_csv_records", "median_rates", "peak_memory",
+    "psql_binary", "psql_copy", "quote_table", "read_users", "synthetic_users", "table_name",
+    "values_sql", "write_csv",
 ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import secrets
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -40,20 +41,63 @@ def test_read_users_is_the_seed() -> None:
     assert bulk.read_users(3) == rows[:3]
 
 
-def test_quoting_identifiers() -> None:
-    assert bulk.quote_ident("users") == '"users"'
-    assert bulk.quote_ident('a"b') == '"a""b"'
-    assert bulk.table_sql("t", "s") == '"s"."t"'
+def test_the_server_quotes_table_names(target: Target) -> None:
     assert bulk.table_name("multi-row VALUES") == "bulk_multi_row_values"
-    with pytest.raises(ValueError):
-        bulk.quote_ident("a\x00b")
+    odd = 'Odd "name"; DROP'
+    rows = bulk.read_users(30)
+
+    async def scenario(conn: asyncpg.Connection, schema: str):
+        plain = await bulk.quote_table(conn, "users")
+        qualified = await bulk.quote_table(conn, odd, schema)
+        assert (plain, plain.sql, plain.schema) == ("users", "users", None)
+        assert qualified == odd and qualified.sql == f'{schema}."Odd ""name""; DROP"'
+        assert await bulk.quote_table(conn, qualified, schema) is qualified  # no second ask
+        assert (await bulk.quote_table(conn, qualified)).sql == '"Odd ""name""; DROP"'
+        await bulk.create_users_table(conn, odd, schema=schema)
+        counts = []
+        for name, method in bulk.METHODS.items():
+            await conn.execute(f"TRUNCATE {qualified.sql}")
+            await method(conn, odd, rows[:10] if "loop" in name else rows, schema=schema)
+            counts.append(await bulk.count_rows(conn, odd, schema))
+        return counts
+
+    assert in_schema(target, scenario) == [10, 10, 30, 30, 30, 30]
 
 
-def test_values_sql_stays_below_the_parameter_limit() -> None:
+def test_values_sql_stays_below_the_parameter_limit(target: Target) -> None:
     assert bulk.VALUES_ROWS == 8191
     assert bulk.VALUES_ROWS * len(bulk.COLUMNS) <= bulk.MAX_QUERY_ARGS
-    sql = bulk.values_sql("t", 2)
-    assert sql.endswith("VALUES ($1, $2, $3, $4), ($5, $6, $7, $8)")
+
+    async def scenario(conn: asyncpg.Connection, schema: str):
+        return await bulk.values_sql(conn, "t", 2), await bulk.values_sql(conn, "t", 2, schema)
+
+    short, qualified = in_schema(target, scenario)
+    assert short == "INSERT INTO t (id, name, age, email) VALUES ($1, $2, $3, $4), ($5, $6, $7, $8)"
+    assert qualified.startswith("INSERT INTO test_bulk_") and ".t (id," in qualified
+
+
+def test_the_cost_model_statement_cache(target: Target) -> None:
+    """The loop's INSERT is prepared once and reused (asyncpg's statement cache); a full
+    VALUES chunk is too long to be cached, so it is parsed again every time."""
+    default = inspect.signature(asyncpg.connect).parameters["max_cacheable_statement_size"]
+    assert default.default == bulk.MAX_CACHEABLE_STATEMENT_SIZE
+    rows = bulk.read_users(bulk.VALUES_ROWS * 2)
+    prepared = "SELECT count(*) FROM pg_prepared_statements WHERE statement = $1"
+
+    async def scenario(conn: asyncpg.Connection, schema: str):
+        await bulk.create_users_table(conn, "t")
+        await bulk.insert_row_loop(conn, "t", rows[:200])
+        loop_sql = await bulk.insert_sql(conn, "t")
+        chunk_sql = await bulk.values_sql(conn, "t", bulk.VALUES_ROWS)
+        await conn.execute("TRUNCATE t")
+        await bulk.insert_values(conn, "t", rows)  # two full chunks
+        return (await conn.fetchval(prepared, loop_sql), await conn.fetchval(prepared, chunk_sql),
+                len(chunk_sql), await bulk.count_rows(conn, "t"))
+
+    loop_statements, chunk_statements, chunk_length, loaded = in_schema(target, scenario)
+    assert loop_statements == 1, "200 executions, one prepared statement"
+    assert chunk_statements == 0 and chunk_length > bulk.MAX_CACHEABLE_STATEMENT_SIZE
+    assert loaded == len(rows)
 
 
 @pytest.mark.parametrize("name", list(bulk.METHODS))
@@ -86,7 +130,7 @@ def test_methods_find_the_table_through_search_path(target: Target) -> None:
     assert in_schema(target, scenario) == (100, 100)
 
 
-def test_too_many_parameters_fail_before_sending(target: Target) -> None:
+def test_too_many_parameters_fail_at_bind(target: Target) -> None:
     rows = bulk.read_users(bulk.VALUES_ROWS + 1)
 
     async def scenario(conn: asyncpg.Connection, schema: str):
@@ -120,13 +164,17 @@ def test_atomic_and_chunked_loads(target: Target) -> None:
     assert in_schema(target, scenario) == [0, 600, 0]
 
 
-def test_psql_copy_keeps_the_password_off_the_command_line(target: Target,
-                                                           tmp_path: Path) -> None:
-    url, env = bulk.psql_environment("postgresql://me:not-a-real%40pw@127.0.0.1:5/db?sslmode=disable")
-    assert url == "postgresql://me@127.0.0.1:5/db?sslmode=disable"
-    assert env["PGPASSWORD"] == "not-a-real@pw"
+def test_psql_copy_keeps_the_password_off_the_command_line(
+        target: Target, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert bulk.psql_binary().name == "psql"
+    spawned: list[tuple[tuple[str, ...], dict[str, str]]] = []
+    real_exec = asyncio.create_subprocess_exec
 
+    async def recording_exec(*args, **kwargs):  # the real psql runs; only its arguments are kept
+        spawned.append((tuple(map(str, args)), dict(kwargs.get("env") or {})))
+        return await real_exec(*args, **kwargs)
+
+    monkeypatch.setattr(asyncio, "create_subprocess_exec", recording_exec)
     rows = bulk.read_users(2000)
     csv_path = tmp_path / "users.csv"
     assert bulk.write_csv(csv_path, rows) > 0
@@ -137,7 +185,7 @@ def test_psql_copy_keeps_the_password_off_the_command_line(target: Target,
         result = await bulk.psql_copy(target.url, "t", csv_path, schema=schema)
         await bulk.create_users_table(conn, "other")
         # without a schema, PsqlCopy uses the connection's current schema
-        seconds = await bulk.PsqlCopy(target.url, csv_path)(conn, "other", rows)
+        seconds = await bulk.PsqlCopy(target, csv_path)(conn, "other", rows)
         with pytest.raises(RuntimeError, match="psql"):
             await bulk.psql_copy(target.url, "missing", csv_path, schema=schema)
         return result, seconds, await bulk.count_rows(conn, "t"), await bulk.count_rows(conn, "other")
@@ -146,6 +194,13 @@ def test_psql_copy_keeps_the_password_off_the_command_line(target: Target,
     assert result.rows == loaded == other == 2000
     assert 0 < result.seconds <= result.wall_seconds
     assert seconds > 0
+    assert len(spawned) == 3
+    for args, env in spawned:
+        assert not any(target.url in a or "postgresql://" in a or "-d" == a for a in args), args
+        if target.password:
+            assert not any(target.password in a for a in args)
+            assert env["PGPASSWORD"] == target.password
+        assert (env["PGHOST"], env["PGPORT"]) == (target.host, str(target.port))
 
 
 def test_compare_inserts_times_every_method_and_checks_counts(target: Target,
@@ -165,7 +220,38 @@ def test_compare_inserts_times_every_method_and_checks_counts(target: Target,
     assert len(timings) == 6
     rates = bulk.median_rates(timings)
     assert list(rates) == ["loop", "copy", "psql \\copy"]
-    assert rates["copy"] > rates["loop"]  # 100x measured; any margin holds
+    assert rates["copy"] > rates["loop"]  # many times faster; any margin holds
+
+
+def test_compare_inserts_quotes_before_the_clock_starts(target: Target) -> None:
+    rows = bulk.read_users(100)
+    seen: list[tuple[str, list[str]]] = []
+
+    async def watched(conn: asyncpg.Connection, table: str, rows, *, schema=None) -> None:
+        sent: list[str] = []
+
+        def log(query: asyncpg.connection.LoggedQuery) -> None:
+            sent.append(query.query)
+
+        conn.add_query_logger(log)
+        try:
+            await bulk.insert_executemany(conn, table, rows, schema=schema)
+            await bulk.insert_unnest(conn, table, [], schema=schema)
+            await asyncio.sleep(0.01)  # loggers are called soon after the query
+        finally:
+            conn.remove_query_logger(log)
+        seen.append((type(table).__name__, sent))
+
+    async def scenario(conn: asyncpg.Connection, schema: str):
+        return await bulk.compare_inserts(conn, {"watched": (watched, rows)}, repeats=2,
+                                          schema=schema)
+
+    timings = in_schema(target, scenario)
+    assert len(timings) == 2 and len(seen) == 2
+    for kind, sent in seen:
+        assert kind == "QuotedTable"
+        assert not any("format(" in q for q in sent), sent  # no quoting round trip while timed
+        assert sum(q.startswith("INSERT INTO") for q in sent) == 2  # (and type introspection)
 
 
 def test_compare_inserts_notices_a_method_that_loses_rows(target: Target) -> None:
@@ -202,6 +288,12 @@ def test_generated_csv_streams_with_flat_memory(target: Target, tmp_path: Path) 
     streamed = max(peaks["copy_csv_file"].peak_bytes, peaks["copy_csv_records"].peak_bytes)
     # 100k rows held as tuples need about 26 MB; streaming stays within a few MB.
     assert peaks["copy_csv_in_memory"].peak_bytes > 3 * max(streamed, 2_000_000)
+
+
+def test_fsync_ms_measures_a_flush(tmp_path: Path) -> None:
+    ms = bulk.fsync_ms(tmp_path, flushes=5)
+    assert 0 < ms < 1000
+    assert list(tmp_path.iterdir()) == [], "the probe file is removed"
 
 
 def test_peak_memory_sees_an_allocation() -> None:

@@ -35,7 +35,7 @@ LOST_UPDATE = [
 def in_lesson(scenario: Callable[[Lesson], Awaitable[Any]]) -> Any:
     """Run ``scenario(lesson)`` with two accounts of 100 in a fresh lesson schema."""
     async def main() -> Any:
-        lesson = await start_lesson("91-transactions", min_size=3, max_size=4)
+        lesson = await start_lesson("91-transactions", min_size=3, max_size=5)
         try:
             await lesson.pool.execute(
                 "CREATE TABLE accounts (id int PRIMARY KEY, balance int NOT NULL "
@@ -137,3 +137,26 @@ def test_loop_exception_messages_collects_a_release_mid_transaction() -> None:
     assert messages == ["Resetting connection with an active transaction "
                         "<asyncpg.connection.Connection object>"]
     assert balance == 100, "released mid-transaction: rolled back, never committed"
+
+
+def test_lock_timeout_nowait_and_skip_locked_in_a_schedule() -> None:
+    lock_one = "SELECT id FROM accounts WHERE id = 1 FOR UPDATE"
+    steps = [("A", lock_one),
+             ("B", "SET LOCAL lock_timeout = '100ms'"), ("B", DEBIT, 1, 10), ("B", COMMIT),
+             ("C", lock_one + " NOWAIT"),
+             ("D", "SELECT id FROM accounts ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED"),
+             ("A", COMMIT), ("D", COMMIT)]
+
+    async def scenario(lesson: Lesson) -> tuple[pd.DataFrame, int]:
+        trace = await run_schedule(lesson.pool, steps, step_timeout=5.0)
+        return trace, await lesson.pool.fetchval(READ, 1)
+
+    trace, balance = in_lesson(scenario)
+    rows = trace.set_index("step")
+    assert (rows.loc[3, "waited_for"], rows.loc[3, "resumed_after"]) == ("A", 3)
+    assert rows.loc[3, "result"] == "LockNotAvailableError"
+    assert "lock timeout" in rows.loc[3, "error"]
+    assert rows.loc[4, "result"] == "skipped"
+    assert rows.loc[5, "result"] == "LockNotAvailableError"
+    assert "could not obtain lock" in rows.loc[5, "error"] and rows.loc[5, "waited_for"] == ""
+    assert rows.loc[6, "result"] == 2 and balance == 100, "B's debit never happened"
