@@ -20,7 +20,8 @@ import pandas as pd
 from helpers._infra.check import report
 from helpers.db import Target
 
-__all__ = ["AUTH_METHODS", "Capabilities", "NEEDS", "auth_method", "probe", "report", "table"]
+__all__ = ["ALWAYS_PRIVATE", "AUTH_METHODS", "Capabilities", "NEEDS", "WITHOUT", "auth_method",
+           "probe", "report", "table"]
 
 #: The AuthenticationRequest codes of the wire protocol, by name.
 AUTH_METHODS = {0: "trust", 3: "password (cleartext)", 5: "md5", 10: "SCRAM-SHA-256"}
@@ -137,33 +138,87 @@ async def probe(conn: asyncpg.Connection, target: Target) -> Capabilities:
     )
 
 
-#: Per notebook: (capability, what the notebook does without it).
-WITHOUT = {
-    "01": [("createrole", "the connection-limit demo runs on a private embedded server")],
+#: Per notebook: (capability, what the notebook does on a server without it). ``createrole``
+#: means a superuser (see :func:`probe`).
+WITHOUT: dict[str, list[tuple[str, str]]] = {
+    "03": [("createrole", "exercise 3's throw-away role runs on a private embedded server")],
     "05": [("pg_stat_statements", "the statement statistics run on a private embedded server")],
-    "06": [("restart", "restarts happen on a private embedded server (always)")],
     "07": [("pgbouncer", "the PgBouncer sections are skipped, with the command to install it")],
-    "08": [("pg_stat_statements", "round trips are counted on a private embedded server")],
+    "08": [("createrole", "the section with a throw-away role runs on a private embedded "
+                          "server"),
+           ("pg_stat_statements", "the round-trip counts run on a private embedded server")],
     "10": [("pgbouncer", "the PgBouncer section is skipped, with the command to install it")],
 }
 
+#: Per notebook: what runs on a private embedded server whatever this server has (it needs a
+#: superuser, other settings, or a server to restart, and nobody else's server is touched).
+ALWAYS_PRIVATE: dict[str, str] = {
+    "01": "the role CONNECTION LIMIT demo and exercise 2 (max_connections)",
+    "02": "the identity leak (SET ROLE to a throw-away role)",
+    "04": "the durable-commit comparison (fsync on)",
+    "06": "the restarts, and the two roles of the health-checker pitfall",
+    "07": "the N x M refusal (a low max_connections)",
+    "09": "TLS and failover",
+    "10": "PgBouncer in front, the restart, and the statement counts",
+    "11": "the worker processes' refusal (max_connections = 20) and the restart",
+}
+
+#: The PostgreSQL majors the course is written for and tested on.
+SUPPORTED_MAJORS = range(15, 19)
+
+
+def _without(*needs: str) -> str:
+    return "; ".join(f"{nb}: {what}" for nb, items in WITHOUT.items() for need, what in items
+                     if need in needs)
+
+
+def _uses(*needs: str) -> str:
+    notebooks = sorted({nb for nb, items in WITHOUT.items() for need, _ in items
+                        if need in needs})
+    return f"used as is by {', '.join(notebooks)}" if notebooks else "used as is"
+
+
+def _auth_note(auth: str) -> str:
+    if auth == "trust":
+        return "01: no password exchange to time (trust), so no SCRAM bar"
+    if auth == "SCRAM-SHA-256":
+        return "01 times the SCRAM exchange, the client's hashing included"
+    if auth.startswith("unknown"):
+        return "01 times whatever the server asks for"
+    return f"01 times the {auth} exchange"
+
 
 def table(caps: Capabilities) -> pd.DataFrame:
-    """The capability table of ``00-setup``: what the server has, and what the notebooks do
-    where it lacks something."""
+    """The capability table of ``00-setup``: what this server and machine have, and what the
+    notebooks do with it (where something is missing, and what always runs privately)."""
+    if caps.major in SUPPORTED_MAJORS:
+        version_note = "supported (15 to 18)"
+    elif caps.major < SUPPORTED_MAJORS.start:
+        version_note = "too old: the course needs PostgreSQL 15 to 18"
+    else:
+        version_note = "newer than the course was tested on (15 to 18)"
+    role_note = ("the app pool connects as a throw-away ordinary role; admin demonstrations "
+                 "use this one" if caps.superuser else
+                 "the app pool and the admin demonstrations use this role; runs end only "
+                 "their own sessions")
     rows = [
-        ("server", f"PostgreSQL {caps.server_version}", "15 to 18 are supported"),
-        ("authentication", caps.auth, "any works; 01 times the phases your server uses"),
+        ("server", f"PostgreSQL {caps.server_version}", version_note),
+        ("authentication", caps.auth, _auth_note(caps.auth)),
         ("role", f"{caps.user} ({'superuser' if caps.superuser else 'not a superuser'})",
-         "admin demonstrations that need more run on a private embedded server"),
+         role_note),
+        ("superuser", "yes" if caps.superuser else "no",
+         _uses("superuser", "createrole") if caps.superuser
+         else _without("superuser", "createrole")),
+        ("pg_stat_statements", "yes" if caps.pg_stat_statements else "no",
+         _uses("pg_stat_statements") if caps.pg_stat_statements
+         else _without("pg_stat_statements")),
+        ("PgBouncer", caps.pgbouncer or "no",
+         _uses("pgbouncer") if caps.pgbouncer else _without("pgbouncer")),
+        ("private embedded servers", "always, for",
+         "; ".join(f"{nb}: {what}" for nb, what in ALWAYS_PRIVATE.items())),
     ]
-    for need in ("createrole", "signal_backends", "pg_stat_statements", "restart", "pgbouncer"):
-        value = getattr(caps, need)
-        have = value if isinstance(value, str) else ("yes" if value else "no")
-        uses = [f"{nb}: {what}" for nb, items in WITHOUT.items() for n, what in items
-                if n == need] if not value else []
-        rows.append((need, have or "no", "; ".join(uses) or "used as is"))
-    return pd.DataFrame(rows, columns=["capability", "this server / machine", "without it"])
+    return pd.DataFrame(rows, columns=["capability", "this server / machine",
+                                       "what the notebooks do"])
 
 
 def as_dict(caps: Capabilities) -> dict[str, object]:

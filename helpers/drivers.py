@@ -1,20 +1,22 @@
 """The same workloads for asyncpg and for psycopg 3 (with psycopg_pool), side by side.
 
-Notebook 08 and ``make bench`` (:mod:`helpers.bench`) compare the two drivers through these
+Notebook 08 and ``make bench`` (``.ci/bench.py``) compare the two drivers through these
 functions, so both measure one implementation:
 
 * **lookups**: request factories for :func:`helpers.load.run_load` / ``compare`` that fetch one
   row by primary key through an asyncpg pool, a psycopg pool, one persistent connection per load
   worker (no pool at all) or a new connection per request;
 * **bulk inserts**: psycopg's ``executemany`` and ``COPY``, shaped like the asyncpg methods
-  of :mod:`helpers.bulk` so that :func:`helpers.bulk.compare_inserts` times both drivers side
-  by side (wrap a psycopg method with :func:`on_psycopg`).
+  of :mod:`helpers.batch_inserts` so that :func:`helpers.batch_inserts.compare_inserts` times
+  both drivers side by side (wrap a psycopg method with :func:`on_psycopg`);
+* **set-up**: :func:`role_on` makes the throw-away role whose statements notebook 08 counts.
 
 What a request costs is mostly how many round trips it makes, and that depends on the pool's
 defaults more than on the driver (count them with ``pg_stat_statements``, as notebook 08 does):
 
 * asyncpg pool: the query, then on release a reset (``SELECT pg_advisory_unlock_all(); CLOSE
-  ALL; UNLISTEN *; RESET ALL``, one message): 2 round trips;
+  ALL; UNLISTEN *; RESET ALL``, one message): 2 round trips (behind PgBouncer in transaction
+  mode, 2 transactions: notebook 07);
 * psycopg pool with its default connections (autocommit off): ``BEGIN``, the query, ``COMMIT``
   when ``pool.connection()`` exits: 3 round trips;
 * psycopg pool with ``autocommit=True``: the query only, and no reset, so session settings
@@ -27,6 +29,7 @@ psycopg's ``%s`` style.
 from __future__ import annotations
 
 import re
+import secrets
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
@@ -36,6 +39,7 @@ from psycopg import sql as psql
 from psycopg_pool import AsyncConnectionPool
 
 from helpers.batch_inserts import COLUMNS, InsertMethod, Row
+from helpers.db import Target, connect, execute_ddl
 from helpers.load import Request, current_worker
 
 #: The course's single-row lookup (a primary-key read of the seed's 100,000 users).
@@ -89,24 +93,46 @@ async def psycopg_connect(dsn: str, *, server_settings: Mapping[str, str] | None
 async def open_psycopg_pool(
     dsn: str, *, min_size: int = 4, max_size: int | None = None,
     server_settings: Mapping[str, str] | None = None, autocommit: bool = False,
-    timeout: float = 10.0, **pool_kwargs: Any,
+    open_timeout: float = 10.0, **pool_kwargs: Any,
 ) -> AsyncConnectionPool:
     """An opened ``psycopg_pool.AsyncConnectionPool`` with ``min_size`` connections ready.
 
     ``server_settings`` (e.g. ``lesson.server_settings()``) go into every connection's startup
     packet, like asyncpg's argument of the same name. ``autocommit=False`` is psycopg's default:
     ``async with pool.connection()`` then wraps the block in BEGIN ... COMMIT. ``pool_kwargs``
-    are passed on (``check=``, ``reset=``, ``max_lifetime=``, ``name=`` ...). The pool is
-    opened explicitly (opening in the constructor is deprecated); close it with
-    ``await pool.close()``.
+    are passed on (``timeout=`` for ``getconn``, 30 s by default; ``check=``, ``reset=``,
+    ``max_lifetime=``, ``name=`` ...). The pool is opened explicitly (opening in the
+    constructor is deprecated), waiting up to ``open_timeout`` seconds for ``min_size``
+    connections; close it with ``await pool.close()``.
     """
     kwargs: dict[str, Any] = {"autocommit": autocommit}
     if server_settings:
         kwargs["options"] = libpq_options(server_settings)
     pool = AsyncConnectionPool(dsn, min_size=min_size, max_size=max_size, kwargs=kwargs,
                                open=False, **pool_kwargs)
-    await pool.open(wait=True, timeout=timeout)
+    await pool.open(wait=True, timeout=open_timeout)
     return pool
+
+
+async def role_on(lesson: Any, server: Target, suffix: str = "drivers") -> Target:
+    """A throw-away login role on ``server`` that may read ``shop``, as a :class:`Target`.
+
+    ``server`` is what ``lesson.server_with(...)`` returned: the lesson's admin role (then the
+    role comes from ``lesson.create_role``, dropped by ``lesson.close()``) or a private
+    embedded server's superuser (the role goes away with that server).
+    """
+    if server == lesson.admin:
+        name, password = await lesson.create_role(suffix)
+    else:
+        name, password = f"{lesson.schema}_{suffix}"[:63], secrets.token_urlsafe(16)
+        conn = await connect(server)
+        try:
+            await execute_ddl(conn, "CREATE ROLE %I LOGIN PASSWORD %L", name, password)
+            await execute_ddl(conn, "GRANT USAGE ON SCHEMA shop TO %I", name)
+            await execute_ddl(conn, "GRANT SELECT ON ALL TABLES IN SCHEMA shop TO %I", name)
+        finally:
+            await conn.close()
+    return server.replace(user=name, password=password)
 
 
 # -- lookups (requests for helpers.load) -------------------------------------------------------
@@ -168,12 +194,17 @@ def connect_per_request_lookup(dsn: str, query: str = LOOKUP_SQL, keys: int = US
 async def noop_reset(conn: asyncpg.Connection) -> None:
     """An asyncpg pool ``reset=`` that sends nothing: one round trip less per request.
 
-    The pool still rolls back an open transaction and drops listeners, but session state
-    (``SET``, advisory locks, ``LISTEN``, cursors ``WITH HOLD``) then leaks to the next user.
+    On release the pool still rolls back a transaction left open and forgets the connection's
+    ``add_listener`` callbacks (``Connection._reset``), but sends no ``pg_advisory_unlock_all();
+    CLOSE ALL; UNLISTEN *; RESET ALL``: session state (``SET``, advisory locks, the server's
+    ``LISTEN``, cursors ``WITH HOLD``) then leaks to the next user. Behind PgBouncer in
+    transaction mode that reset is a second transaction per request, on whichever server
+    connection PgBouncer lends, and it blanks the client's ``application_name`` (notebook 07):
+    there, this is the reset to use.
     """
 
 
-# -- bulk inserts (psycopg's side; asyncpg's methods are in helpers.bulk) ------------------------
+# -- bulk inserts (psycopg's side; asyncpg's methods are in helpers.batch_inserts) ---------------
 
 
 async def psycopg_executemany(conn: psycopg.AsyncConnection, table: str, rows: Sequence[Row], *,
@@ -205,9 +236,9 @@ def _psycopg_table(table: str, schema: str | None) -> psql.Composable:
 
 def on_psycopg(conn: psycopg.AsyncConnection,
                method: Callable[..., Awaitable[Any]]) -> InsertMethod:
-    """A psycopg insert method as a :class:`helpers.bulk.InsertMethod`, so that
-    :func:`helpers.bulk.compare_inserts` times it next to asyncpg's methods (it passes its
-    asyncpg connection, used only to create, truncate and count the tables)."""
+    """A psycopg insert method as a :class:`helpers.batch_inserts.InsertMethod`, so that
+    :func:`helpers.batch_inserts.compare_inserts` times it next to asyncpg's methods (it passes
+    its asyncpg connection, used only to create, truncate and count the tables)."""
     async def insert(_asyncpg_conn: asyncpg.Connection, table: str, rows: Sequence[Row], *,
                      schema: str | None = None) -> None:
         await method(conn, table, rows, schema=schema)

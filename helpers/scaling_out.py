@@ -8,7 +8,11 @@ measures what that does to the server::
     await fleet.open_pools(url, min_size=6, max_size=6)
     run = await fleet.run("SELECT $1::int", concurrency=20, duration_s=1.0,
                           watch=count_server_connections)
-    run.rps, run.server_peak, run.errors
+    run.rps, run.server_peak, run.errors, run.percentile(99)
+
+Behind PgBouncer in transaction mode, ``open_pools(..., reset="noop")`` gives every process's
+pool a reset that sends nothing on release (asyncpg's default reset is a second transaction per
+request there; notebook 07 measures it).
 
 The processes are started once with the ``spawn`` method (a fresh interpreter, as on macOS
 and Windows, and safe in a Jupyter kernel, where ``fork`` would copy a running event loop) and
@@ -16,6 +20,9 @@ then take commands over a pipe, so their start-up cost is paid once. Their code 
 importable module, this one: a function defined in a notebook cannot be sent to a spawned
 process. :meth:`AppFleet.run` starts every process at the same instant and stops it at the
 same deadline, so the server sees them all at once.
+
+:func:`pgbouncer_for` is the notebook's setup step for PgBouncer: which binary it will use, or
+why the ``%%needs pgbouncer`` cells are skipped.
 """
 
 from __future__ import annotations
@@ -36,15 +43,21 @@ from helpers._infra.errors import CourseError
 
 # PgBouncer for notebook 07 (running the process is machinery: helpers/_infra/pgbouncer.py).
 from helpers._infra.pgbouncer import (
+    HOW_TO_GET,
+    Binary,
     PgBouncer,
     PgBouncerMissing,
     close_with,
-    require_pgbouncer,
+    find_pgbouncer,
     start_pgbouncer,
 )
+from helpers.db import Target
 
 #: Seconds between the "go" message and the common start, so every process is ready.
 START_DELAY_S = 0.15
+#: The ``reset=`` choices a process's pool accepts (a notebook's function cannot be sent to a
+#: spawned process, so the choice travels by name): asyncpg's default, or one that sends nothing.
+RESETS = (None, "noop")
 
 
 class FleetError(CourseError):
@@ -61,7 +74,10 @@ def worker_main(conn: Any) -> None:
 
 
 async def _serve(conn: Any) -> None:
-    state: dict[str, Any] = {"pools": {}}
+    # Imported before "ready", so that its cost falls in start-up, not in a measurement.
+    from helpers.lesson import close_pool  # the course's one "close, then terminate"
+
+    state: dict[str, Any] = {"pools": {}, "close_pool": close_pool}
     loop = asyncio.get_running_loop()
     conn.send(("ready", os.getpid()))
     while True:
@@ -86,11 +102,17 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+async def _noop_reset(conn: Any) -> None:
+    """``reset="noop"`` in a process: send nothing on release (see helpers.drivers.noop_reset)."""
+
+
 async def _open_pool(state: dict[str, Any], name: str, url: str, min_size: int, max_size: int,
-                     pool_kwargs: dict[str, Any]) -> dict[str, Any]:
+                     reset: str | None, pool_kwargs: dict[str, Any]) -> dict[str, Any]:
     import asyncpg
 
     await _close_pool(state, name)
+    if reset == "noop":
+        pool_kwargs = {**pool_kwargs, "reset": _noop_reset}
     pool = await asyncpg.create_pool(url, min_size=min_size, max_size=max_size, timeout=10,
                                      **pool_kwargs)
     state["pools"][name] = pool
@@ -101,12 +123,8 @@ async def _close_pool(state: dict[str, Any], name: str | None = None) -> None:
     names = list(state["pools"]) if name is None else [name]
     for key in names:
         pool = state["pools"].pop(key, None)
-        if pool is None:
-            continue
-        try:
-            await asyncio.wait_for(pool.close(), 5)
-        except Exception:
-            pool.terminate()
+        if pool is not None:
+            await state["close_pool"](pool)
 
 
 async def _run(state: dict[str, Any], pool: str, sql: str, arg_max: int | None,
@@ -197,11 +215,15 @@ class FleetRun:
         return [x for p in self.per_process for x in p["latencies_ms"]]
 
     def percentile(self, q: float) -> float:
-        """Latency percentile (ms) over successful requests of all processes."""
-        lat = sorted(self.latencies_ms)
-        if not lat:
-            return float("nan")
-        return lat[min(len(lat) - 1, int(q / 100 * len(lat)))]
+        """Latency percentile (ms, q in 0..100) over successful requests of all processes.
+
+        The course's one definition (:meth:`helpers.load.LoadResult.percentile`, pandas'
+        ``quantile``): linear interpolation between the closest ranks, which is numpy's default.
+        """
+        import numpy as np
+
+        lat = self.latencies_ms
+        return float(np.percentile(lat, q)) if lat else float("nan")
 
     @property
     def server_peak(self) -> int:
@@ -268,18 +290,23 @@ class AppFleet:
                              f"{detail}", "Read the error; the other processes are unchanged.")
         return [r[1] for r in replies]
 
-    async def open_pools(self, url: str, *, processes: int | None = None, min_size: int = 1,
-                         max_size: int = 10, name: str = "default",
-                         **pool_kwargs: Any) -> list[dict[str, Any]]:
+    async def open_pools(self, url: str | Target, *, processes: int | None = None,
+                         min_size: int = 1, max_size: int = 10, name: str = "default",
+                         reset: str | None = None, **pool_kwargs: Any) -> list[dict[str, Any]]:
         """Each of the first ``processes`` processes opens ``asyncpg.create_pool(url, ...)``
         under ``name`` (replacing its pool of that name); returns each one's pid and pool size.
 
         A process usually has one pool; naming them lets a measurement keep two sets open and
-        alternate between them without paying for the connections again.
+        alternate between them without paying for the connections again. ``reset``: ``None``
+        for asyncpg's reset on release, ``"noop"`` for one that sends nothing (behind a
+        transaction pooler). ``pool_kwargs`` must be picklable (numbers, strings, dicts).
         """
+        if reset not in RESETS:
+            raise ValueError(f"reset must be one of {RESETS}, not {reset!r}")
         which = self._select(processes)
         return await self._command(which, "open_pool", {
-            "name": name, "url": url, "min_size": min_size, "max_size": max_size,
+            "name": name, "url": url.url if isinstance(url, Target) else url,
+            "min_size": min_size, "max_size": max_size, "reset": reset,
             "pool_kwargs": pool_kwargs})
 
     async def close_pools(self, name: str | None = None) -> None:
@@ -388,5 +415,58 @@ async def start_fleet(processes: int, *, lesson: Any = None) -> AppFleet:
     return fleet
 
 
-__all__ = ["AppFleet", "FleetError", "FleetRun", "PgBouncer", "PgBouncerMissing",
-           "require_pgbouncer", "start_fleet", "start_pgbouncer"]
+def pgbouncer_for(lesson: Any = None) -> Binary | None:
+    """The PgBouncer binary notebook 07 will use, or None when there is none (then its
+    ``%%needs pgbouncer`` cells are skipped with the reason). Prints one line saying which, or
+    how to get one. Never raises for a missing binary, whatever ``PGBOUNCER_BIN`` says.
+
+    With ``lesson``, also lets ``%%needs`` cells use top-level ``await`` (see
+    :func:`_let_needs_cells_await`).
+    """
+    if lesson is not None:
+        _let_needs_cells_await()
+    try:
+        binary = find_pgbouncer()
+    except PgBouncerMissing as exc:
+        print(f"PgBouncer: none usable here ({exc.message.rstrip('.')}); the cells marked %%needs "
+              "pgbouncer are skipped.\n" + HOW_TO_GET)
+        return None
+    print(f"PgBouncer: {binary.describe()}")
+    return binary
+
+
+def _needs_cell_as_plain_cell(lines: list[str]) -> list[str]:
+    """IPython input transformer: a ``%%needs X`` cell whose capability is there runs as an
+    ordinary cell (its first line blanked), so top-level ``await`` works and an error shows
+    once. Without the capability the cell is left to the ``%%needs`` magic, which skips it."""
+    if not lines or not lines[0].startswith("%%needs "):
+        return lines
+    from helpers.capabilities import NEEDS
+    from helpers.lesson import current_lesson
+
+    need = lines[0].split(None, 1)[1].strip()
+    lesson = current_lesson()
+    caps = getattr(lesson, "caps", None)
+    if caps is None or need not in NEEDS or not caps.has(need):
+        return lines
+    return ["\n", *lines[1:]]
+
+
+def _let_needs_cells_await() -> None:
+    """Install :func:`_needs_cell_as_plain_cell` in this IPython (idempotent; nothing outside
+    IPython). The ``%%needs`` magic runs its cell with ``shell.run_cell()``, which cannot run
+    top-level ``await`` inside the kernel's running event loop ("This event loop is already
+    running"); this belongs in ``helpers.lesson.install_notebook_conveniences``."""
+    import sys
+
+    ipython = sys.modules.get("IPython")
+    shell = ipython.get_ipython() if ipython is not None else None
+    if shell is None:
+        return
+    cleanup = shell.input_transformers_cleanup
+    if not any(getattr(t, "__name__", "") == _needs_cell_as_plain_cell.__name__ for t in cleanup):
+        cleanup.append(_needs_cell_as_plain_cell)
+
+
+__all__ = ["RESETS", "AppFleet", "FleetError", "FleetRun", "PgBouncer", "PgBouncerMissing",
+           "pgbouncer_for", "start_fleet", "start_pgbouncer"]

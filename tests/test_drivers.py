@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import itertools
 import secrets
+from types import SimpleNamespace
 
 import asyncpg
 import pytest
 
 from helpers import batch_inserts as bulk
 from helpers import drivers
-from helpers.db import execute_ddl
+from helpers.db import connect, execute_ddl
 from helpers.load import compare, run_load
 from tests.conftest import run
 
@@ -105,3 +107,74 @@ def test_psycopg_inserts_next_to_asyncpg_ones(target) -> None:
     table = run(scenario())
     assert len(table) == 6 and set(table["rows"]) == {300}
     assert (table["rows_per_s"] > 0).all()
+
+
+def test_psycopg_pool_waits_30_s_by_default_and_takes_a_timeout(target) -> None:
+    async def scenario() -> tuple[float, float]:
+        default = await drivers.open_psycopg_pool(target.url, min_size=1, max_size=1)
+        short = await drivers.open_psycopg_pool(target.url, min_size=1, max_size=1, timeout=2.5)
+        try:
+            return default.timeout, short.timeout
+        finally:
+            await default.close()
+            await short.close()
+
+    assert run(scenario()) == (30.0, 2.5)
+
+
+def test_queue_order_psycopg_fifo_asyncpg_overtaken(target) -> None:
+    """What notebook 08 teaches about the two queues (100 tasks, 4 connections): psycopg_pool
+    serves the oldest waiter first, asyncpg lets later requests overtake."""
+
+    async def served_late(acquire, run_query) -> int:
+        tickets, served = itertools.count(), []
+
+        async def request(i: int) -> None:
+            ticket = next(tickets)
+            async with acquire() as conn:
+                served.append(ticket)
+                await run_query(conn)
+
+        await run_load(request, requests=300, concurrency=100, progress=False)
+        return max(position - ticket for position, ticket in enumerate(served))
+
+    async def scenario() -> tuple[int, int]:
+        apool = await asyncpg.create_pool(target.url, min_size=4, max_size=4,
+                                          reset=drivers.noop_reset)
+        ppool = await drivers.open_psycopg_pool(target.url, min_size=4, max_size=4,
+                                                autocommit=True)
+        try:
+            a = await served_late(apool.acquire, lambda c: c.fetchval("SELECT 1"))
+            p = await served_late(ppool.connection, lambda c: c.execute("SELECT 1"))
+            return a, p
+        finally:
+            await apool.close()
+            await ppool.close()
+
+    asyncpg_late, psycopg_late = run(scenario())
+    assert psycopg_late <= 4 and asyncpg_late > 20, (asyncpg_late, psycopg_late)
+
+
+def test_role_on_a_private_server_reads_shop(target) -> None:
+    """role_on() with a server that is not the lesson's admin makes the role itself."""
+    async def scenario() -> tuple[str, int]:
+        admin = await connect(target)
+        try:
+            if not await admin.fetchval("SELECT rolsuper FROM pg_roles WHERE rolname = current_user"):
+                pytest.skip("needs a superuser (the embedded server)")
+            lesson = SimpleNamespace(admin=None, schema=f"test_drivers_{secrets.token_hex(3)}")
+            role = await drivers.role_on(lesson, target, "reader")
+            try:
+                conn = await connect(role)
+                try:
+                    return role.user, await conn.fetchval("SELECT count(*) > 0 FROM shop.users")
+                finally:
+                    await conn.close()
+            finally:
+                await execute_ddl(admin, "DROP OWNED BY %I", role.user)
+                await execute_ddl(admin, "DROP ROLE %I", role.user)
+        finally:
+            await admin.close()
+
+    user, readable = run(scenario())
+    assert user.endswith("_reader") and readable

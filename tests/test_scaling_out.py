@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import subprocess
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import asyncpg
+import pandas as pd
 import pytest
 
 from helpers._infra.errors import CourseError
@@ -27,9 +30,18 @@ from helpers._infra.pgbouncer import (
     start_pgbouncer,
 )
 from helpers._infra.server import EmbeddedServer, accepts
+from helpers._infra.settings import settings
 from helpers._infra.tools import load_tool
 from helpers.db import Target
-from helpers.scaling_out import AppFleet, FleetError, start_fleet
+from helpers.load import LoadResult
+from helpers.scaling_out import (
+    AppFleet,
+    FleetError,
+    FleetRun,
+    _needs_cell_as_plain_cell,
+    pgbouncer_for,
+    start_fleet,
+)
 from tests.conftest import helpers_cli, run
 
 
@@ -101,6 +113,56 @@ def test_missing_binary_says_how_to_get_one(monkeypatch: pytest.MonkeyPatch) -> 
     for way in ("apt-get install pgbouncer", "python -m helpers pgbouncer install",
                 "brew install pgbouncer", "PGBOUNCER_BIN"):
         assert way in HOW_TO_GET
+
+
+def test_anything_but_a_working_pgbouncer_is_missing_not_an_error(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """PGBOUNCER_BIN set but useless: the notebook path (pgbouncer_for, the capability probe)
+    sees "no PgBouncer", so 07's %%needs cells skip instead of failing."""
+    not_executable = tmp_path / "plain-file"
+    not_executable.write_text("not a program\n")
+    silent = tmp_path / "silent"
+    silent.write_text("#!/bin/sh\necho hello\n")
+    silent.chmod(0o755)
+    slow = tmp_path / "slow"
+    slow.write_text("#!/bin/sh\nsleep 5\n")
+    slow.chmod(0o755)
+    for path in ("/nonexistent", not_executable, silent):
+        monkeypatch.setenv("PGBOUNCER_BIN", str(path))
+        settings.cache_clear()
+        with pytest.raises(PgBouncerMissing):
+            find_pgbouncer()
+        assert pgbouncer_for() is None
+        out = capsys.readouterr().out
+        assert "none usable here" in out and "apt-get install pgbouncer" in out
+    with pytest.raises(PgBouncerMissing, match="did not answer"):
+        binary_version(slow, timeout=0.5)
+
+
+def test_needs_cells_run_as_plain_cells_only_where_the_capability_is(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import helpers.lesson
+
+    cell = ["%%needs pgbouncer\n", "# NBVAL_CHECK_OUTPUT\n", "await x()\n"]
+    for have, expected in ((True, ["\n", *cell[1:]]), (False, cell)):
+        caps = SimpleNamespace(has=lambda need, have=have: have)
+        monkeypatch.setattr(helpers.lesson, "_current", SimpleNamespace(caps=caps))
+        assert _needs_cell_as_plain_cell(list(cell)) == expected
+    assert _needs_cell_as_plain_cell(["print(1)\n"]) == ["print(1)\n"]
+    monkeypatch.setattr(helpers.lesson, "_current", None)  # no lesson: the magic says so
+    assert _needs_cell_as_plain_cell(list(cell)) == cell
+
+
+def test_fleet_percentile_is_the_courses_definition() -> None:
+    """One percentile for the course: pandas' interpolated quantile, as in LoadResult."""
+    latencies = [float(x) for x in (7, 1, 3, 10, 2, 8, 4, 9, 5, 6, 100)]
+    run = FleetRun("x", 1, 1, 1, [{"ok": 11, "errors": {}, "messages": {}, "window_s": 1.0,
+                                   "latencies_ms": latencies}])
+    load = LoadResult("x", 1, 1.0, pd.DataFrame({"latency_ms": latencies, "ok": True}))
+    for q in (0, 50, 90, 99, 100):
+        assert run.percentile(q) == pytest.approx(load.percentile(q))
+    assert run.percentile(99) == pytest.approx(91.0)  # interpolated, not a nearest rank
+    assert math.isnan(FleetRun("x", 1, 1, 0, []).percentile(50))
 
 
 def test_cli_check(binary: Binary) -> None:
@@ -266,6 +328,37 @@ def test_fleet_of_processes(app_url: str, server: EmbeddedServer) -> None:
         assert fleet.alive == 0
 
     run(scenario())
+
+
+def test_noop_reset_halves_the_transactions_behind_pgbouncer(binary: Binary,
+                                                                app_url: str) -> None:
+    """asyncpg's reset on release is a second transaction per request in transaction mode;
+    reset="noop" in the processes' pools removes it (measured from SHOW STATS)."""
+    extra = {} if binary.tracks_prepared_statements else {"statement_cache_size": 0}
+
+    async def scenario(bouncer: PgBouncer) -> dict[str, float]:
+        fleet = await AppFleet(1).start()
+        try:
+            with pytest.raises(ValueError, match="reset"):
+                await fleet.open_pools(bouncer.url, reset="none")
+            per_request = {}
+            for reset in (None, "noop"):
+                await fleet.open_pools(bouncer.url, min_size=2, max_size=2, reset=reset, **extra)
+                before = (await bouncer.show("STATS")).iloc[0]
+                result = await fleet.run("SELECT $1::int", concurrency=2, duration_s=0.3,
+                                         arg_max=10)
+                after = (await bouncer.show("STATS")).iloc[0]
+                assert result.errors == {} and result.ok > 20
+                per_request[str(reset)] = (after["total_xact_count"]
+                                           - before["total_xact_count"]) / result.ok
+            return per_request
+        finally:
+            await fleet.aclose()
+
+    with PgBouncerRunning(app_url, binary, default_pool_size=2) as bouncer:
+        per_request = run(scenario(bouncer))
+    assert per_request["None"] == pytest.approx(2.0, abs=0.1)
+    assert per_request["noop"] == pytest.approx(1.0, abs=0.1)
 
 
 def test_lesson_close_stops_pgbouncer_and_processes(binary: Binary, target) -> None:

@@ -21,8 +21,8 @@ with a generated ``pgbouncer.ini`` and an auth file (mode 0600) holding the serv
 a generated admin password; it listens on a free 127.0.0.1 port, in ``pool_mode =
 transaction`` by default. PgBouncer refuses to run as root, so as root it runs in a user
 namespace or as an unprivileged account, exactly like the embedded PostgreSQL
-(:mod:`helpers.server`). ``stop()`` ends it and deletes the folder; a PgBouncer left behind by
-a killed kernel is stopped the next time one starts.
+(:mod:`helpers._infra.server`). ``stop()`` ends it and deletes the folder; a PgBouncer left
+behind by a killed kernel is stopped the next time one starts.
 
 Command line: ``python -m helpers pgbouncer check`` (which binary, which version) and
 ``python -m helpers pgbouncer install`` (build the course's copy). Standard library only at
@@ -122,14 +122,21 @@ def build_dir() -> Path:
     return state_dir() / "pgbouncer"
 
 
-def binary_version(path: Path) -> tuple[int, int, int]:
-    """Run ``pgbouncer --version`` and parse ``PgBouncer 1.24.1`` into (1, 24, 1)."""
+def binary_version(path: Path, timeout: float = 10.0) -> tuple[int, int, int]:
+    """Run ``pgbouncer --version`` and parse ``PgBouncer 1.24.1`` into (1, 24, 1).
+
+    Anything that is not a working pgbouncer (cannot run, no answer within ``timeout``, no
+    version in the output) raises :class:`PgBouncerMissing`.
+    """
     try:
         out = subprocess.run([str(path), "--version"], capture_output=True, text=True,
-                             timeout=10, stdin=subprocess.DEVNULL)
+                             timeout=timeout, stdin=subprocess.DEVNULL)
     except OSError as exc:
         raise PgBouncerMissing(f"{path} cannot be run: {exc.strerror or exc}.", HOW_TO_GET) \
             from None
+    except subprocess.TimeoutExpired:
+        raise PgBouncerMissing(f"{path} --version did not answer within {timeout:g} s.",
+                               HOW_TO_GET) from None
     match = re.search(r"PgBouncer (\d+)\.(\d+)(?:\.(\d+))?", out.stdout + out.stderr)
     if not match:
         raise PgBouncerMissing(f"{path} --version did not print a PgBouncer version.",
@@ -156,7 +163,10 @@ def _candidates() -> list[tuple[str, Path]]:
 def find_pgbouncer() -> Binary:
     """The pgbouncer to use: ``PGBOUNCER_BIN``, the course build, then the system's.
 
-    Raises :class:`PgBouncerMissing`, whose message says how to get one, when there is none.
+    Raises :class:`PgBouncerMissing`, whose message says how to get one, when there is none,
+    and also when ``PGBOUNCER_BIN`` names something that is not a working pgbouncer (a missing
+    file, a program that cannot run or prints no PgBouncer version): the notebooks then treat
+    PgBouncer as missing (their ``%%needs pgbouncer`` cells are skipped), never as an error.
     """
     path = settings().pgbouncer_bin
     if path is not None:
@@ -240,7 +250,7 @@ class PgBouncer:
         self.user = server.user
         self.password = server.password or ""
         self.database = server.database if server.database != "(default)" else self.user
-        self.server_host = server.host if server._parts.hostname else "127.0.0.1"
+        self.server_host = server.host
         self.server_port = server.port
         for what, value in (("user", self.user), ("database", self.database),
                             ("host", self.server_host)):
@@ -275,11 +285,16 @@ class PgBouncer:
     # -- what clients use --------------------------------------------------------------------
 
     @property
-    def url(self) -> str:
-        """Where clients connect: this PgBouncer, with the server's user and password."""
+    def target(self) -> Target:
+        """Where clients connect, as a :class:`helpers.db.Target` (``.masked()`` to print)."""
         self._require_running()
         return self.server.replace(host="127.0.0.1", port=self.port, database=self.database,
-                                   sslmode=None).url
+                                   sslmode=None, source="PgBouncer")
+
+    @property
+    def url(self) -> str:
+        """Where clients connect: this PgBouncer, with the server's user and password."""
+        return self.target.url
 
     @property
     def admin_url(self) -> str:
@@ -567,7 +582,8 @@ async def start_pgbouncer(server_url: str, *, lesson: Any = None, **options: Any
 
 def require_pgbouncer() -> Binary:
     """The binary to use, or :class:`PgBouncerMissing` whose message says exactly how to get
-    one (a notebook's first cell calls this, so a missing PgBouncer is one clear message)."""
+    one: for scripts and tests that cannot run without it. Notebooks never call it: they use
+    :func:`helpers.scaling_out.pgbouncer_for` and ``%%needs pgbouncer`` cells."""
     return find_pgbouncer()
 
 
