@@ -12,7 +12,7 @@ asyncpg does) stay in the notebook; this module only builds what they run agains
   of the plaintext it passed on.
 * :func:`start_standby` makes a streaming-replication hot standby of a lesson's private server
   (``pg_basebackup -R``) and starts it next to it; the lesson stops and deletes it at cleanup.
-* :func:`multi_host_url` writes ``postgresql://user:pw@h1:p1,h2:p2/db?...``, the URL form
+* :func:`multi_host_url` writes ``postgresql://user:<password>@h1:p1,h2:p2/db?...``, the URL form
   for several hosts that asyncpg (and libpq) accept.
 * :func:`scratch_folder` is a folder for the files a run writes, deleted at cleanup.
 
@@ -290,7 +290,7 @@ def scratch_folder(lesson: Lesson) -> Path:
 
 def multi_host_url(*targets: Target, **query: str) -> str:
     """One URL naming several servers, in order, with the first one's user, password and
-    database: ``postgresql://user:pw@h1:p1,h2:p2/db?target_session_attrs=...``.
+    database: ``postgresql://user:<password>@h1:p1,h2:p2/db?target_session_attrs=...``.
 
     :class:`~helpers.db.Target` holds one host, so this is the first target's URL (credentials,
     database and ``query`` quoted by :meth:`Target.replace`) with its host list put in place of

@@ -85,12 +85,12 @@ def test_tls_front_can_strip_tls_and_record(target) -> None:
 def test_multi_host_url_keeps_order_credentials_and_query() -> None:
     from helpers.db import Target
 
-    a = Target("postgresql://app:p%40ss%3Aword@127.0.0.1:5001/shop db", "test")
-    b = Target("postgresql://other:x@127.0.0.1:5002/ignored", "test")
+    a = Target("postgresql://app:not-a-real%40pw%3A@127.0.0.1:5001/shop db", "test")
+    b = Target("postgresql://other:not-a-real-2@127.0.0.1:5002/ignored", "test")
     url = multi_host_url(a, b, target_session_attrs="read-write")
-    assert url == ("postgresql://app:p%40ss%3Aword@127.0.0.1:5001,127.0.0.1:5002/shop%20db"
+    assert url == ("postgresql://app:not-a-real%40pw%3A@127.0.0.1:5001,127.0.0.1:5002/shop%20db"
                    "?target_session_attrs=read-write")
-    assert "p%40ss" not in mask_url(url) and "***" in mask_url(url)
+    assert "not-a-real" not in mask_url(url) and "***" in mask_url(url)
     with pytest.raises(ValueError):
         multi_host_url()
 
