@@ -415,16 +415,11 @@ async def start_fleet(processes: int, *, lesson: Any = None) -> AppFleet:
     return fleet
 
 
-def pgbouncer_for(lesson: Any = None) -> Binary | None:
+def pgbouncer_for() -> Binary | None:
     """The PgBouncer binary notebook 07 will use, or None when there is none (then its
     ``%%needs pgbouncer`` cells are skipped with the reason). Prints one line saying which, or
     how to get one. Never raises for a missing binary, whatever ``PGBOUNCER_BIN`` says.
-
-    With ``lesson``, also lets ``%%needs`` cells use top-level ``await`` (see
-    :func:`_let_needs_cells_await`).
     """
-    if lesson is not None:
-        _let_needs_cells_await()
     try:
         binary = find_pgbouncer()
     except PgBouncerMissing as exc:
@@ -433,39 +428,6 @@ def pgbouncer_for(lesson: Any = None) -> Binary | None:
         return None
     print(f"PgBouncer: {binary.describe()}")
     return binary
-
-
-def _needs_cell_as_plain_cell(lines: list[str]) -> list[str]:
-    """IPython input transformer: a ``%%needs X`` cell whose capability is there runs as an
-    ordinary cell (its first line blanked), so top-level ``await`` works and an error shows
-    once. Without the capability the cell is left to the ``%%needs`` magic, which skips it."""
-    if not lines or not lines[0].startswith("%%needs "):
-        return lines
-    from helpers.capabilities import NEEDS
-    from helpers.lesson import current_lesson
-
-    need = lines[0].split(None, 1)[1].strip()
-    lesson = current_lesson()
-    caps = getattr(lesson, "caps", None)
-    if caps is None or need not in NEEDS or not caps.has(need):
-        return lines
-    return ["\n", *lines[1:]]
-
-
-def _let_needs_cells_await() -> None:
-    """Install :func:`_needs_cell_as_plain_cell` in this IPython (idempotent; nothing outside
-    IPython). The ``%%needs`` magic runs its cell with ``shell.run_cell()``, which cannot run
-    top-level ``await`` inside the kernel's running event loop ("This event loop is already
-    running"); this belongs in ``helpers.lesson.install_notebook_conveniences``."""
-    import sys
-
-    ipython = sys.modules.get("IPython")
-    shell = ipython.get_ipython() if ipython is not None else None
-    if shell is None:
-        return
-    cleanup = shell.input_transformers_cleanup
-    if not any(getattr(t, "__name__", "") == _needs_cell_as_plain_cell.__name__ for t in cleanup):
-        cleanup.append(_needs_cell_as_plain_cell)
 
 
 __all__ = ["RESETS", "AppFleet", "FleetError", "FleetRun", "PgBouncer", "PgBouncerMissing",

@@ -11,7 +11,6 @@ import os
 import subprocess
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import asyncpg
 import pandas as pd
@@ -38,7 +37,6 @@ from helpers.scaling_out import (
     AppFleet,
     FleetError,
     FleetRun,
-    _needs_cell_as_plain_cell,
     pgbouncer_for,
     start_fleet,
 )
@@ -137,20 +135,6 @@ def test_anything_but_a_working_pgbouncer_is_missing_not_an_error(
         assert "none usable here" in out and "apt-get install pgbouncer" in out
     with pytest.raises(PgBouncerMissing, match="did not answer"):
         binary_version(slow, timeout=0.5)
-
-
-def test_needs_cells_run_as_plain_cells_only_where_the_capability_is(
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    import helpers.lesson
-
-    cell = ["%%needs pgbouncer\n", "# NBVAL_CHECK_OUTPUT\n", "await x()\n"]
-    for have, expected in ((True, ["\n", *cell[1:]]), (False, cell)):
-        caps = SimpleNamespace(has=lambda need, have=have: have)
-        monkeypatch.setattr(helpers.lesson, "_current", SimpleNamespace(caps=caps))
-        assert _needs_cell_as_plain_cell(list(cell)) == expected
-    assert _needs_cell_as_plain_cell(["print(1)\n"]) == ["print(1)\n"]
-    monkeypatch.setattr(helpers.lesson, "_current", None)  # no lesson: the magic says so
-    assert _needs_cell_as_plain_cell(list(cell)) == cell
 
 
 def test_fleet_percentile_is_the_courses_definition() -> None:
