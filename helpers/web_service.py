@@ -15,7 +15,8 @@ Three pieces, each a separate operating-system process, as in production:
   :meth:`LoadClient.open` sends requests at a fixed rate whatever the server does (an open
   loop: a burst). Both return a :class:`HttpResult`, a :class:`helpers.load.LoadResult` whose
   DataFrame has one row per request (``start_s``, ``latency_ms``, ``status``, ``outcome``,
-  ``ok``, ``retry_after``), so ``summary()``, ``helpers.plots`` and ``paired_ratio`` work on
+  ``ok``, ``retry_after``, ``db_ms``: the app's own ``Server-Timing`` figure for the time the
+  request held its pooled connection, or NaN), so ``summary()``, ``helpers.plots`` and ``paired_ratio`` work on
   it unchanged. Optional health probes run in the same process, on the same clock.
 * :func:`fork_demo` runs the "pool inherited across fork" pitfall in a throw-away process.
 
@@ -463,6 +464,7 @@ def _result(raw: dict[str, Any], label: str, concurrency: int) -> HttpResult:
         "status": raw["status"],
         "outcome": raw["outcome"],
         "retry_after": raw["retry_after"],
+        "db_ms": raw["db_ms"],
     })
     df["ok"] = df["outcome"] == "ok"
     probes = pd.DataFrame(raw["probes"], columns=["probe", "start_s", "latency_ms", "status",
@@ -519,10 +521,10 @@ async def _client_serve(pipe: Any) -> None:
 class _Recorder:
     def __init__(self) -> None:
         self.columns: dict[str, list[Any]] = {k: [] for k in (
-            "worker", "start_s", "latency_ms", "status", "outcome", "retry_after")}
+            "worker", "start_s", "latency_ms", "status", "outcome", "retry_after", "db_ms")}
 
     def add(self, worker: int, start: float, end: float, status: int, outcome: str,
-            retry_after: float) -> None:
+            retry_after: float, db_ms: float) -> None:
         c = self.columns
         c["worker"].append(worker)
         c["start_s"].append(start)
@@ -530,18 +532,25 @@ class _Recorder:
         c["status"].append(status)
         c["outcome"].append(outcome)
         c["retry_after"].append(retry_after)
+        c["db_ms"].append(db_ms)
 
 
-async def _get(session: Any, url: str) -> tuple[int, str, float]:
-    """One GET: (status, outcome, Retry-After seconds or NaN)."""
+_DB_TIMING = re.compile(r"(?:^|,)\s*db;dur=([0-9.]+)")
+
+
+async def _get(session: Any, url: str) -> tuple[int, str, float, float]:
+    """One GET: (status, outcome, Retry-After seconds or NaN, the ``db`` duration of the
+    response's ``Server-Timing`` header in ms or NaN)."""
     try:
         async with session.get(url) as resp:
             await resp.read()
             retry = resp.headers.get("Retry-After")
+            timing = _DB_TIMING.search(resp.headers.get("Server-Timing", ""))
             outcome = "ok" if 200 <= resp.status < 300 else f"HTTP {resp.status}"
-            return resp.status, outcome, float(retry) if retry else float("nan")
+            return (resp.status, outcome, float(retry) if retry else float("nan"),
+                    float(timing.group(1)) if timing else float("nan"))
     except Exception as exc:  # refused, reset, timed out: recorded, not raised
-        return 0, type(exc).__name__, float("nan")
+        return 0, type(exc).__name__, float("nan"), float("nan")
 
 
 def _session(limit: int, timeout_s: float) -> Any:
@@ -560,7 +569,7 @@ async def _probe_loop(session: Any, url: str, probes: dict[str, str], every_s: f
         t0 = perf()
         results = await asyncio.gather(*(_get(session, url + p) for p in probes.values()))
         t1 = perf()
-        for name, (status, outcome, _) in zip(probes, results, strict=True):
+        for name, (status, outcome, _, _) in zip(probes, results, strict=True):
             out.append((name, t0 - begin, (t1 - t0) * 1000, status, outcome))
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), max(0.0, every_s - (t1 - t0)))
@@ -578,10 +587,11 @@ async def _run_closed(url: str, path: str, concurrency: int, duration_s: float, 
         async def worker(w: int, begin: float, deadline: float, record: bool) -> None:
             i = w
             while (t0 := perf()) < deadline:
-                status, outcome, retry = await _get(session, url + path.format(key=key(i, keys)))
+                status, outcome, retry, db_ms = await _get(
+                    session, url + path.format(key=key(i, keys)))
                 t1 = perf()
                 if record:
-                    rec.add(w, t0 - begin, t1 - begin, status, outcome, retry)
+                    rec.add(w, t0 - begin, t1 - begin, status, outcome, retry, db_ms)
                 i += concurrency
                 if status == 0:
                     await asyncio.sleep(0.005)  # a refused connection must not spin the CPU
@@ -618,11 +628,11 @@ async def _run_together(targets: dict[str, list[str]], concurrency: int, duratio
             url, path = targets[label]
             i = w
             while (t0 := perf()) < deadline:
-                status, outcome, retry = await _get(sessions[label],
+                status, outcome, retry, db_ms = await _get(sessions[label],
                                                     url + path.format(key=key(i, keys)))
                 t1 = perf()
                 if record:
-                    recs[label].add(w, t0 - begin, t1 - begin, status, outcome, retry)
+                    recs[label].add(w, t0 - begin, t1 - begin, status, outcome, retry, db_ms)
                 i += concurrency
                 if status == 0:
                     await asyncio.sleep(0.005)
@@ -649,8 +659,9 @@ async def _run_open(url: str, path: str, rate: float, duration_s: float, keys: i
         started_at, begin, cpu0 = time.time(), perf(), time.process_time()
 
         async def one(i: int, scheduled: float) -> None:
-            status, outcome, retry = await _get(session, url + path.format(key=key(i, keys)))
-            rec.add(0, scheduled - begin, perf() - begin, status, outcome, retry)
+            status, outcome, retry, db_ms = await _get(
+                session, url + path.format(key=key(i, keys)))
+            rec.add(0, scheduled - begin, perf() - begin, status, outcome, retry, db_ms)
 
         tasks = []
         for i in range(n):
