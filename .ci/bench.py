@@ -650,8 +650,11 @@ def headline_table(r: BenchResult, f: dict[str, float]) -> str:
         rows.append(("series_seconds", f"{f['series_seconds']:.0f} s",
                      f"{n} notebook(s) under nbval"
                      + (" (a subset, chosen with --notebooks)" if s.get("subset") else "")
-                     + ("" if s.get("complete") else " (stopped at the time budget: at least)")
-                     + ("" if s.get("passed", True) else " (some failed)")))
+                     + ("" if s.get("complete") else
+                        " (stopped at the time budget, so at least this; run `make test` "
+                        "first and the bench reads its report)")
+                     + ("" if s.get("passed", True) or not s.get("complete") else
+                        " (some failed)")))
     rows.append(("embedded_cold_start_seconds", f"{f['embedded_cold_start_seconds']:.1f} s",
                  "initdb + start + createdb of a fresh embedded server"))
     lines = ["| figure | value | measured as |", "|---|---|---|"]
