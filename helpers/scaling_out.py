@@ -51,6 +51,7 @@ from helpers._infra.pgbouncer import (
     find_pgbouncer,
     start_pgbouncer,
 )
+from helpers._infra.pipes import recv
 from helpers.db import Target
 
 #: Seconds between the "go" message and the common start, so every process is ready.
@@ -265,7 +266,7 @@ class AppFleet:
             self._procs.append(proc)
             self._pipes.append(parent)
         replies = await asyncio.wait_for(
-            asyncio.gather(*(_recv(p) for p in self._pipes)), 60)
+            asyncio.gather(*(recv(p, _process_gone) for p in self._pipes)), 60)
         self.pids = [pid for _, pid in replies]
         return self
 
@@ -282,7 +283,7 @@ class AppFleet:
                               "Call `await fleet.start()` first.")
         for i in which:
             self._pipes[i].send((op, kwargs or {}))
-        replies = await asyncio.gather(*(_recv(self._pipes[i]) for i in which))
+        replies = await asyncio.gather(*(recv(self._pipes[i], _process_gone) for i in which))
         failed = [(i, r[1]) for i, r in zip(which, replies, strict=True) if r[0] != "ok"]
         if failed:
             detail = "; ".join(f"app-{i + 1}: {name}: {msg}" for i, (name, msg) in failed)
@@ -379,31 +380,10 @@ class AppFleet:
         return sum(1 for p in self._procs if p.is_alive())
 
 
-async def _recv(pipe: Any) -> Any:
-    """Wait for the next message on a multiprocessing pipe without blocking the event loop."""
-    loop = asyncio.get_running_loop()
-    while not pipe.poll():
-        ready = loop.create_future()
-        try:
-            loop.add_reader(pipe.fileno(), _wake, ready)
-        except NotImplementedError:  # an event loop without add_reader (Windows)
-            return await asyncio.to_thread(pipe.recv)
-        try:
-            await ready
-        finally:
-            loop.remove_reader(pipe.fileno())
-    try:
-        return pipe.recv()
-    except EOFError:
-        raise FleetError("An application process exited unexpectedly.",
-                         "If you run this from a script, start the processes under "
-                         "`if __name__ == \"__main__\":` (the spawn method re-imports the "
-                         "script).") from None
-
-
-def _wake(future: asyncio.Future[None]) -> None:
-    if not future.done():
-        future.set_result(None)
+def _process_gone() -> FleetError:
+    return FleetError("An application process exited unexpectedly.",
+                      "If you run this from a script, start the processes under "
+                      "`if __name__ == \"__main__\":` (the spawn method re-imports the script).")
 
 
 async def start_fleet(processes: int, *, lesson: Any = None) -> AppFleet:

@@ -48,6 +48,7 @@ from typing import Any
 
 import pandas as pd
 
+from ._infra.pipes import recv
 from .load import LoadResult
 
 #: The app notebook 11 serves (``helpers/shop_api.py``).
@@ -388,7 +389,7 @@ class LoadClient:
         self._pipe = parent
         if lesson is not None:
             lesson.on_close(self.stop, first=True)
-        await asyncio.wait_for(_recv(parent), 60)
+        await asyncio.wait_for(recv(parent, _client_gone), 60)
         return self
 
     async def _call(self, op: str, **kwargs: Any) -> dict[str, Any]:
@@ -396,7 +397,7 @@ class LoadClient:
             raise RuntimeError("the load client is not running: `await LoadClient().start()`")
         async with self._lock:  # one run at a time: they would compete for the CPU
             self._pipe.send((op, kwargs))
-            status, payload = await _recv(self._pipe)
+            status, payload = await recv(self._pipe, _client_gone)
         if status != "ok":
             raise RuntimeError(f"the load client failed: {payload}")
         return payload
@@ -473,20 +474,8 @@ def _result(raw: dict[str, Any], label: str, concurrency: int) -> HttpResult:
                       client_cpu_s=raw["cpu_s"], probes=probes)
 
 
-async def _recv(pipe: Any) -> Any:
-    """The next message on a multiprocessing pipe, without blocking the event loop."""
-    loop = asyncio.get_running_loop()
-    while not pipe.poll():
-        ready = loop.create_future()
-        loop.add_reader(pipe.fileno(), lambda f=ready: f.done() or f.set_result(None))
-        try:
-            await ready
-        finally:
-            loop.remove_reader(pipe.fileno())
-    try:
-        return pipe.recv()
-    except EOFError:
-        raise RuntimeError("the load client process exited unexpectedly") from None
+def _client_gone() -> RuntimeError:
+    return RuntimeError("the load client process exited unexpectedly")
 
 
 # -- inside the load generator's process ------------------------------------------------------------
