@@ -313,8 +313,9 @@ def index_html(pages: list[Page], runs: list[NotebookRun] | None = None) -> str:
 
 def format_figure(figure: dict) -> str:
     """A recorded figure with its unit: "27.6x", "0.12 s", "386 of 600"."""
-    unit = figure["unit"]
-    return f"{figure['value']:.3g}{'' if unit in ('x', '%', '') else ' '}{unit}"
+    unit, value = figure["unit"].strip(), figure["value"]
+    number = f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.3g}"  # 1,660, not 1.66e+03
+    return f"{number}{'' if unit in ('x', '%', '') else ' '}{unit}"
 
 
 def summary_lines(runs: list[NotebookRun]) -> list[str]:
