@@ -22,9 +22,10 @@ Endpoints: ``/ping`` (no database: the ceiling of the HTTP stack), ``/users/{id}
 point read), ``/users/{id}/summary`` (a unit of work: three queries in one transaction),
 ``/reports/slow`` (holds a connection for a while, standing in for a slow query),
 ``/connect-per-request/users/{id}`` (a new connection per request, for comparison),
-``/health/live`` and ``/health/ready``. The point read answers with a ``Server-Timing: db;dur=``
-header: the milliseconds from acquire to the end of release (the reset included). The ``/wrong/...`` endpoints at the end are the
-pitfalls notebook 11 runs for real; they exist only with ``SHOP_PITFALLS=1``.
+``/health/live`` and ``/health/ready``. The point read answers with a
+``Server-Timing: db;dur=`` header: the milliseconds from acquire to the end of release (the
+reset included). The ``/wrong/...`` endpoints at the end are the pitfalls notebook 11 runs for
+real; they exist only with ``SHOP_PITFALLS=1``.
 """
 
 from __future__ import annotations
@@ -157,8 +158,8 @@ async def get_user(user_id: int, request: Request, response: Response) -> dict[s
     started = time.perf_counter()
     async with acquire(request) as conn:  # released (and reset) when the block ends
         row = await conn.fetchrow(USER_SQL, user_id)
-    # How long this request held the pool's attention (acquire, query, release with its reset),
-    # in the standard header browsers' developer tools and load generators read.
+    # How long this request spent on the pool: acquire, query, and release with its reset. In
+    # the standard header that browsers' developer tools and load generators read.
     response.headers["Server-Timing"] = f"db;dur={(time.perf_counter() - started) * 1000:.3f}"
     if row is None:
         raise HTTPException(404, "no such user")

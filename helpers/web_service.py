@@ -16,8 +16,9 @@ Three pieces, each a separate operating-system process, as in production:
   loop: a burst). Both return a :class:`HttpResult`, a :class:`helpers.load.LoadResult` whose
   DataFrame has one row per request (``start_s``, ``latency_ms``, ``status``, ``outcome``,
   ``ok``, ``retry_after``, ``db_ms``: the app's own ``Server-Timing`` figure for the time the
-  request held its pooled connection, or NaN), so ``summary()``, ``helpers.plots`` and ``paired_ratio`` work on
-  it unchanged. Optional health probes run in the same process, on the same clock.
+  request held its pooled connection, or NaN), so ``summary()``, ``helpers.plots`` and
+  ``paired_ratio`` work on it unchanged. Optional health probes run in the same process, on the
+  same clock.
 * :func:`fork_demo` runs the "pool inherited across fork" pitfall in a throw-away process.
 
 Standard library, aiohttp and pandas; uvicorn and FastAPI are only imported by the servers.
@@ -617,8 +618,8 @@ async def _run_together(targets: dict[str, list[str]], concurrency: int, duratio
             url, path = targets[label]
             i = w
             while (t0 := perf()) < deadline:
-                status, outcome, retry, db_ms = await _get(sessions[label],
-                                                    url + path.format(key=key(i, keys)))
+                status, outcome, retry, db_ms = await _get(
+                    sessions[label], url + path.format(key=key(i, keys)))
                 t1 = perf()
                 if record:
                     recs[label].add(w, t0 - begin, t1 - begin, status, outcome, retry, db_ms)
