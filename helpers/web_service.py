@@ -153,6 +153,20 @@ class WebServer:
     def running(self) -> bool:
         return self.process.poll() is None
 
+    def cpu_s(self) -> float:
+        """CPU seconds (user + system) the server has used so far, its worker processes
+        included. Read before and after a run, the difference is what the run cost the server,
+        whatever else the machine was doing (psutil: installed with ipykernel)."""
+        import psutil
+
+        main = psutil.Process(self.pid)
+        total = 0.0
+        for proc in (main, *main.children(recursive=True)):
+            with contextlib.suppress(psutil.NoSuchProcess):
+                times = proc.cpu_times()
+                total += times.user + times.system
+        return total
+
     def log(self) -> str:
         """Everything the server wrote so far (uvicorn's log and tracebacks); kept in memory
         once the server has exited, when its log folder is deleted."""
@@ -353,6 +367,7 @@ class HttpResult(LoadResult):
 
     started_at: float = 0.0  # wall clock (time.time()) of start_s = 0
     client_cpu_s: float = 0.0  # CPU seconds the load generator itself used
+    warmup_requests: int = 0  # answered during the warm-up, before the recorded run
     probes: pd.DataFrame | None = field(default=None, repr=False)
 
     @property
@@ -472,7 +487,8 @@ def _result(raw: dict[str, Any], label: str, concurrency: int) -> HttpResult:
     probes = pd.DataFrame(raw["probes"], columns=["probe", "start_s", "latency_ms", "status",
                                                   "outcome"]) if raw.get("probes") else None
     return HttpResult(label, concurrency, raw["wall_s"], df, started_at=raw["started_at"],
-                      client_cpu_s=raw["cpu_s"], probes=probes)
+                      client_cpu_s=raw["cpu_s"], warmup_requests=raw.get("warmup_requests", 0),
+                      probes=probes)
 
 
 def _client_gone() -> RuntimeError:
@@ -571,10 +587,12 @@ async def _run_closed(url: str, path: str, concurrency: int, duration_s: float, 
     perf = time.perf_counter
     rec = _Recorder()
     probe_rows: list[tuple] = []
+    warmed = 0
     async with _session(concurrency, timeout_s) as session, \
             _session(max(2, len(probes)), 2.0) as probe_session:
 
         async def worker(w: int, begin: float, deadline: float, record: bool) -> None:
+            nonlocal warmed
             i = w
             while (t0 := perf()) < deadline:
                 status, outcome, retry, db_ms = await _get(
@@ -582,6 +600,8 @@ async def _run_closed(url: str, path: str, concurrency: int, duration_s: float, 
                 t1 = perf()
                 if record:
                     rec.add(w, t0 - begin, t1 - begin, status, outcome, retry, db_ms)
+                else:
+                    warmed += 1
                 i += concurrency
                 if status == 0:
                     await asyncio.sleep(0.005)  # a refused connection must not spin the CPU
@@ -602,7 +622,7 @@ async def _run_closed(url: str, path: str, concurrency: int, duration_s: float, 
         if prober is not None:
             await prober
     return {**rec.columns, "wall_s": wall, "started_at": started_at, "cpu_s": cpu,
-            "probes": probe_rows}
+            "probes": probe_rows, "warmup_requests": warmed}
 
 
 async def _run_together(targets: dict[str, list[str]], concurrency: int, duration_s: float,

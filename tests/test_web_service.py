@@ -100,10 +100,15 @@ def test_load_client_closed_and_open_loops(target: Target) -> None:
         server = await ws.start_server(env)
         client = await ws.start_client()
         try:
+            cpu0 = server.cpu_s()
             closed = await client.closed(server.url, "/users/{key}", concurrency=4,
-                                         duration_s=0.3, probes={"live": "/health/live"})
+                                         duration_s=0.3, warmup_s=0.05,
+                                         probes={"live": "/health/live"})
+            assert server.cpu_s() > cpu0  # the server's own CPU seconds, read from outside
             assert isinstance(closed, LoadResult) and closed.errors == 0 and len(closed.df) > 10
+            assert closed.warmup_requests > 0  # answered, not recorded
             assert {"start_s", "latency_ms", "status", "outcome", "ok"} <= set(closed.df)
+            assert (closed.df["db_ms"] > 0).all()  # every point read's Server-Timing header
             assert set(closed.df["status"]) == {200} and closed.summary()["rps"] > 0
             assert closed.probes is not None and set(closed.probes["outcome"]) == {"ok"}
             assert 0 < closed.client_cpu_share < 2
