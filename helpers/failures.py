@@ -306,9 +306,16 @@ class FaultProxy:
 
 async def terminate_when_active(conn: asyncpg.Connection, query_like: str, *,
                                 application_name: str | None = None, timeout_s: float = 5.0,
-                                poll_s: float = 0.005) -> int:
-    """Wait until another backend is running a query ``LIKE query_like`` (and, if given, has
-    this ``application_name``), then terminate it with ``pg_terminate_backend``.
+                                poll_s: float = 0.005, running_for_s: float = 0.05) -> int:
+    """Wait until another backend has been running a query ``LIKE query_like`` (and, if given,
+    has this ``application_name``) for ``running_for_s``, then terminate it with
+    ``pg_terminate_backend``.
+
+    The wait puts the cut inside the query's execution. A backend is ``active`` with the query's
+    text already while it parses it: killed then, the client (asyncpg prepares first) may read
+    the server's goodbye between the prepare and the execute and raise ``InternalClientError``
+    instead of ``ConnectionDoesNotExistError`` (both lost connections; see
+    :func:`helpers.retry.is_connection_lost`), which makes a demo's output depend on timing.
 
     Returns the terminated backend's pid. ``conn`` needs the rights ``pg_terminate_backend``
     needs: the same role as the victim, or ``pg_signal_backend`` (superusers always may).
@@ -319,7 +326,8 @@ async def terminate_when_active(conn: asyncpg.Connection, query_like: str, *,
             pid = await conn.fetchval(
                 "SELECT pid FROM pg_stat_activity WHERE state = 'active' AND query LIKE $1 "
                 "AND ($2::text IS NULL OR application_name = $2) AND pid <> pg_backend_pid() "
-                "ORDER BY query_start LIMIT 1", query_like, application_name)
+                "AND clock_timestamp() - query_start >= make_interval(secs => $3) "
+                "ORDER BY query_start LIMIT 1", query_like, application_name, running_for_s)
             if pid is not None and await conn.fetchval("SELECT pg_terminate_backend($1)", pid):
                 return int(pid)
             await asyncio.sleep(poll_s)

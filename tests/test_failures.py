@@ -175,8 +175,10 @@ def test_terminate_when_active_kills_the_running_query(target) -> None:
         admin = await lesson.connect()
         victim = await lesson.connect()
         try:
+            t0 = time.perf_counter()
             task = asyncio.ensure_future(victim.fetchval("SELECT pg_sleep(3) /* victim-96 */"))
-            pid = await terminate_when_active(admin, "%victim-96%")
+            pid = await terminate_when_active(admin, "%victim-96%", running_for_s=0.2)
+            assert time.perf_counter() - t0 >= 0.2  # killed inside the execution, not the parse
             with pytest.raises(asyncpg.ConnectionDoesNotExistError):
                 await asyncio.wait_for(task, 5)
             with pytest.raises(TimeoutError):
