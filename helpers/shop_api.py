@@ -12,7 +12,8 @@ Settings, read once per process at startup by :meth:`Settings.from_env`:
 ``DB_POOL_MIN``          connections kept open (default 2)
 ``DB_POOL_MAX``          at most this many connections per process (default 10)
 ``DB_ACQUIRE_TIMEOUT``   seconds a request waits for a free connection before it gets a
-                         ``503`` with ``Retry-After`` (default 0.5; ``none`` waits forever)
+                         ``503`` with ``Retry-After`` (default 0.5; ``none`` waits forever);
+                         asyncpg applies it to that connection's release (the reset) too
 ``DB_POOL_RESET``        ``default`` (asyncpg's reset on release) or ``none`` (skips it: only
                          safe when no request ever changes session state; notebook 02)
 ``DB_APPLICATION_NAME``  ``application_name`` of the connections (default ``shop-api``)
@@ -95,7 +96,8 @@ async def _skip_reset(conn: asyncpg.Connection) -> None:
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     """One pool per process: created when the server's event loop starts, closed at shutdown
-    (uvicorn runs this after in-flight requests have finished)."""
+    (uvicorn runs this once the requests in flight have finished, or once
+    ``--timeout-graceful-shutdown`` ran out and it cancelled them)."""
     settings = Settings.from_env()
     pool = await asyncpg.create_pool(
         settings.database_url,
@@ -112,8 +114,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     finally:
         try:
             await asyncio.wait_for(pool.close(), 10)  # waits for every release
-        except TimeoutError:
-            pool.terminate()
+        except TimeoutError:  # close() already terminated the pool when wait_for cancelled it
+            pool.terminate()  # (asyncpg 0.32); said again, in case a version does not
         logger.info("pool closed (pid %d)", os.getpid())
 
 
@@ -127,8 +129,10 @@ def unavailable(request: Request, detail: str) -> JSONResponse:
 
 
 @app.exception_handler(TimeoutError)
-async def database_busy(request: Request, exc: TimeoutError) -> JSONResponse:
-    # No free connection within DB_ACQUIRE_TIMEOUT (or a query timed out): shed the load.
+@app.exception_handler(asyncpg.TooManyConnectionsError)
+async def database_busy(request: Request, exc: Exception) -> JSONResponse:
+    # No free connection within DB_ACQUIRE_TIMEOUT, a query timed out, or the pool could not
+    # grow (DB_POOL_MIN < DB_POOL_MAX) because the server has no connection slot left: shed load.
     return unavailable(request, "database busy")
 
 
@@ -214,7 +218,8 @@ async def live() -> dict[str, str]:
 
 @app.get("/health/ready")
 async def ready(request: Request) -> Any:
-    """Readiness: a connection and a query within 0.5 s, or 503 (send no traffic here)."""
+    """Readiness: a connection, then ``SELECT 1``, each within 0.5 s, or 503 (send no traffic
+    here)."""
     try:
         async with request.app.state.pool.acquire(timeout=0.5) as conn:
             await conn.fetchval("SELECT 1", timeout=0.5)

@@ -16,7 +16,9 @@ Three pieces, each a separate operating-system process, as in production:
   loop: a burst). Both return a :class:`HttpResult`, a :class:`helpers.load.LoadResult` whose
   DataFrame has one row per request (``start_s``, ``latency_ms``, ``status``, ``outcome``,
   ``ok``, ``retry_after``, ``db_ms``: the app's own ``Server-Timing`` figure for the time the
-  request held its pooled connection, or NaN), so ``summary()``, ``helpers.plots`` and
+  request held its pooled connection, or NaN; ``closing``: the response said
+  ``Connection: close``, as uvicorn's answer to a request in flight when it began a graceful
+  shutdown does), so ``summary()``, ``helpers.plots`` and
   ``paired_ratio`` work on it unchanged. Optional health probes run in the same process, on the
   same clock.
 * :func:`fork_demo` runs the "pool inherited across fork" pitfall in a throw-away process.
@@ -45,7 +47,7 @@ import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pandas as pd
 
@@ -482,6 +484,7 @@ def _result(raw: dict[str, Any], label: str, concurrency: int) -> HttpResult:
         "outcome": raw["outcome"],
         "retry_after": raw["retry_after"],
         "db_ms": raw["db_ms"],
+        "closing": raw["closing"],
     })
     df["ok"] = df["outcome"] == "ok"
     probes = pd.DataFrame(raw["probes"], columns=["probe", "start_s", "latency_ms", "status",
@@ -524,39 +527,48 @@ async def _client_serve(pipe: Any) -> None:
             pipe.send(("error", f"{type(exc).__name__}: {exc}"))
 
 
+class _Answer(NamedTuple):
+    """One GET's result as the client saw it."""
+
+    status: int  # 0 when no response came (refused, reset, timed out)
+    outcome: str  # "ok", "HTTP 503", or the exception's type name
+    retry_after: float  # the Retry-After header in seconds, or NaN
+    db_ms: float  # the ``db`` duration of the Server-Timing header, or NaN
+    closing: bool  # the response said "Connection: close"
+
+
 class _Recorder:
     def __init__(self) -> None:
         self.columns: dict[str, list[Any]] = {k: [] for k in (
-            "worker", "start_s", "latency_ms", "status", "outcome", "retry_after", "db_ms")}
+            "worker", "start_s", "latency_ms", "status", "outcome", "retry_after", "db_ms",
+            "closing")}
 
-    def add(self, worker: int, start: float, end: float, status: int, outcome: str,
-            retry_after: float, db_ms: float) -> None:
+    def add(self, worker: int, start: float, end: float, answer: _Answer) -> None:
         c = self.columns
         c["worker"].append(worker)
         c["start_s"].append(start)
         c["latency_ms"].append((end - start) * 1000)
-        c["status"].append(status)
-        c["outcome"].append(outcome)
-        c["retry_after"].append(retry_after)
-        c["db_ms"].append(db_ms)
+        for name, value in answer._asdict().items():
+            c[name].append(value)
 
 
 _DB_TIMING = re.compile(r"(?:^|,)\s*db;dur=([0-9.]+)")
 
 
-async def _get(session: Any, url: str) -> tuple[int, str, float, float]:
-    """One GET: (status, outcome, Retry-After seconds or NaN, the ``db`` duration of the
-    response's ``Server-Timing`` header in ms or NaN)."""
+async def _get(session: Any, url: str) -> _Answer:
+    """One GET, never raising: a refused, reset or timed-out request is an answer too."""
+    nan = float("nan")
     try:
         async with session.get(url) as resp:
             await resp.read()
             retry = resp.headers.get("Retry-After")
             timing = _DB_TIMING.search(resp.headers.get("Server-Timing", ""))
             outcome = "ok" if 200 <= resp.status < 300 else f"HTTP {resp.status}"
-            return (resp.status, outcome, float(retry) if retry else float("nan"),
-                    float(timing.group(1)) if timing else float("nan"))
+            return _Answer(resp.status, outcome, float(retry) if retry else nan,
+                           float(timing.group(1)) if timing else nan,
+                           resp.headers.get("Connection", "").lower() == "close")
     except Exception as exc:  # refused, reset, timed out: recorded, not raised
-        return 0, type(exc).__name__, float("nan"), float("nan")
+        return _Answer(0, type(exc).__name__, nan, nan, False)
 
 
 def _session(limit: int, timeout_s: float) -> Any:
@@ -575,8 +587,8 @@ async def _probe_loop(session: Any, url: str, probes: dict[str, str], every_s: f
         t0 = perf()
         results = await asyncio.gather(*(_get(session, url + p) for p in probes.values()))
         t1 = perf()
-        for name, (status, outcome, _, _) in zip(probes, results, strict=True):
-            out.append((name, t0 - begin, (t1 - t0) * 1000, status, outcome))
+        for name, answer in zip(probes, results, strict=True):
+            out.append((name, t0 - begin, (t1 - t0) * 1000, answer.status, answer.outcome))
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), max(0.0, every_s - (t1 - t0)))
 
@@ -595,15 +607,14 @@ async def _run_closed(url: str, path: str, concurrency: int, duration_s: float, 
             nonlocal warmed
             i = w
             while (t0 := perf()) < deadline:
-                status, outcome, retry, db_ms = await _get(
-                    session, url + path.format(key=key(i, keys)))
+                answer = await _get(session, url + path.format(key=key(i, keys)))
                 t1 = perf()
                 if record:
-                    rec.add(w, t0 - begin, t1 - begin, status, outcome, retry, db_ms)
+                    rec.add(w, t0 - begin, t1 - begin, answer)
                 else:
                     warmed += 1
                 i += concurrency
-                if status == 0:
+                if answer.status == 0:
                     await asyncio.sleep(0.005)  # a refused connection must not spin the CPU
 
         if warmup_s > 0:
@@ -638,13 +649,12 @@ async def _run_together(targets: dict[str, list[str]], concurrency: int, duratio
             url, path = targets[label]
             i = w
             while (t0 := perf()) < deadline:
-                status, outcome, retry, db_ms = await _get(
-                    sessions[label], url + path.format(key=key(i, keys)))
+                answer = await _get(sessions[label], url + path.format(key=key(i, keys)))
                 t1 = perf()
                 if record:
-                    recs[label].add(w, t0 - begin, t1 - begin, status, outcome, retry, db_ms)
+                    recs[label].add(w, t0 - begin, t1 - begin, answer)
                 i += concurrency
-                if status == 0:
+                if answer.status == 0:
                     await asyncio.sleep(0.005)
 
         async def run_all(seconds: float, record: bool) -> tuple[float, float, float]:
@@ -669,9 +679,8 @@ async def _run_open(url: str, path: str, rate: float, duration_s: float, keys: i
         started_at, begin, cpu0 = time.time(), perf(), time.process_time()
 
         async def one(i: int, scheduled: float) -> None:
-            status, outcome, retry, db_ms = await _get(
-                session, url + path.format(key=key(i, keys)))
-            rec.add(0, scheduled - begin, perf() - begin, status, outcome, retry, db_ms)
+            answer = await _get(session, url + path.format(key=key(i, keys)))
+            rec.add(0, scheduled - begin, perf() - begin, answer)
 
         tasks = []
         for i in range(n):

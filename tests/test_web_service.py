@@ -158,9 +158,23 @@ def test_sigterm_lets_in_flight_requests_finish(target: Target) -> None:
         df, t = run_.df, at - run_.started_at
         in_flight = df[(df["start_s"] < t) & (df["start_s"] + df["latency_ms"] / 1000 > t)]
         assert len(in_flight) == 2 and in_flight["ok"].all()
+        # uvicorn answers what was in flight when it began shutting down with "Connection: close"
+        assert df["closing"].any() and df.loc[df["closing"], "ok"].all()
+        ended = df["start_s"] + df["latency_ms"] / 1000
+        assert not df.loc[ended < t, "closing"].any()  # answered before the signal: kept alive
         assert await _count_settles(target, name, 0) == 0
 
     run(scenario())
+
+
+def test_a_full_server_is_busy_not_an_error() -> None:
+    """A pool that cannot grow because the server has no slot left answers 503, like a pool
+    whose connections are all in use (notebook 11, section 6)."""
+    from helpers import shop_api
+
+    handlers = shop_api.app.exception_handlers
+    assert handlers[asyncpg.TooManyConnectionsError] is shop_api.database_busy
+    assert handlers[TimeoutError] is shop_api.database_busy
 
 
 def test_a_server_outlives_no_parent(target: Target, tmp_path) -> None:
