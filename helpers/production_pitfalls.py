@@ -342,7 +342,7 @@ def _stop_at_exit(server: EmbeddedServer) -> None:
 async def start_standby(lesson: Lesson, primary: Target, **settings: str) -> Target:
     """Start a hot standby of ``primary`` (a :meth:`Lesson.private_server`), streaming from
     it; stopped and deleted by ``lesson.close()``. ``settings`` are ``postgresql.conf``
-    settings for the standby. Takes about a second.
+    settings for the standby (a base backup, then the standby's start).
 
     The primary is first told to accept replication connections from loopback (one line in its
     ``pg_hba.conf``, then ``pg_reload_conf()``). The standby's superuser and password are the
