@@ -6,7 +6,7 @@ request's start, latency and outcome (``ok``, or the exception's type name) go i
 DataFrame; :meth:`LoadResult.summary` turns that into requests/s and percentiles.
 
 Its own cost is two ``perf_counter()`` calls and a few list appends per request: measured
-against a bare ``asyncio.gather`` loop doing the same queries, it keeps about 95-100% of the
+against a bare ``asyncio.gather`` loop doing the same queries, it keeps about 90-100% of the
 throughput (``tests/test_load.py`` prints the ratio; notebook 02 shows it).
 
 :func:`compare` runs several variants *interleaved* (A, B, C, A, B, C, ...) so that a noisy
