@@ -227,6 +227,23 @@ def test_prepared_statements_old_and_new(binary: Binary, app_url: str) -> None:
                 PgBouncer(app_url, max_prepared_statements=100, binary=candidate)
 
 
+def test_max_prepared_statements_is_what_pgbouncer_reports(binary: Binary, app_url: str) -> None:
+    """The effective setting the notebooks print (``describe()``) is PgBouncer's own, read back
+    with ``SHOW CONFIG``: its default (200 from 1.24, 0 in 1.21-1.23) and an explicit value."""
+
+    async def reported(bouncer: PgBouncer) -> int:
+        config = await bouncer.show("CONFIG")
+        row = config.loc[config["key"] == "max_prepared_statements"]
+        return int(row["value"].iloc[0]) if len(row) else 0  # no such setting before 1.21
+
+    for candidate in all_binaries(binary):
+        explicit = [None, 0, 100] if candidate.tracks_prepared_statements else [None]
+        for setting in explicit:
+            with PgBouncerRunning(app_url, candidate, max_prepared_statements=setting) as bouncer:
+                assert run(reported(bouncer)) == bouncer.max_prepared_statements, (
+                    candidate.describe(), setting)
+
+
 class PgBouncerRunning:
     """``with PgBouncerRunning(url, binary, **settings) as bouncer:`` for synchronous tests."""
 
