@@ -16,8 +16,9 @@ machine slows them all alike; figures are medians over the rounds:
   round are paired (same round, same server) and their median is reported.
   ``http_pool_no_reset_vs_no_db`` is the same with ``DB_POOL_RESET=none`` (not safe in general:
   session state leaks between requests), ``http_pool_vs_no_db_asyncio_h11`` on the standard
-  library's event loop and the pure-Python h11 parser (``--loop asyncio --http h11``), ``http_unit_of_work_vs_no_db`` for
-  ``GET /users/{id}/summary`` (three queries in a read-only transaction);
+  library's event loop and the pure-Python h11 parser (``--loop asyncio --http h11``),
+  ``http_unit_of_work_vs_no_db`` for ``GET /users/{id}/summary`` (three queries in a read-only
+  transaction);
 * ``pool_vs_direct_unit_of_work``: in one process, no HTTP, requests/s of the default asyncpg
   pool over one persistent connection per load worker, when each request is a transaction of
   three queries (the summary's); ``pool_vs_direct_one_statement`` for the point read alone.
