@@ -318,7 +318,8 @@ async def terminate_when_active(conn: asyncpg.Connection, query_like: str, *,
     :func:`helpers.retry.is_connection_lost`), which makes a demo's output depend on timing.
 
     Returns the terminated backend's pid. ``conn`` needs the rights ``pg_terminate_backend``
-    needs: the same role as the victim, or ``pg_signal_backend`` (superusers always may).
+    needs: the privileges of the victim's role, or of ``pg_signal_backend`` (a superuser's
+    backend only a superuser may end).
     Raises ``TimeoutError`` when no such query shows up within ``timeout_s``.
     """
     async with asyncio.timeout(timeout_s):

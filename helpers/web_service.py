@@ -18,9 +18,8 @@ Three pieces, each a separate operating-system process, as in production:
   ``ok``, ``retry_after``, ``db_ms``: the app's own ``Server-Timing`` figure for the time the
   request held its pooled connection, or NaN; ``closing``: the response said
   ``Connection: close``, as uvicorn's answer to a request in flight when it began a graceful
-  shutdown does), so ``summary()``, ``helpers.plots`` and
-  ``paired_ratio`` work on it unchanged. Optional health probes run in the same process, on the
-  same clock.
+  shutdown does), so ``summary()``, ``helpers.plots`` and ``paired_ratio`` work on it
+  unchanged. Optional health probes run in the same process, on the same clock.
 * :func:`fork_demo` runs the "pool inherited across fork" pitfall in a throw-away process.
 
 Standard library, aiohttp and pandas; uvicorn and FastAPI are only imported by the servers.

@@ -229,7 +229,8 @@ def test_prepared_statements_old_and_new(binary: Binary, app_url: str) -> None:
 
 def test_max_prepared_statements_is_what_pgbouncer_reports(binary: Binary, app_url: str) -> None:
     """The effective setting the notebooks print (``describe()``) is PgBouncer's own, read back
-    with ``SHOW CONFIG``: its default (200 from 1.24, 0 in 1.21-1.23) and an explicit value."""
+    with ``SHOW CONFIG``: the course's default (200 on every 1.21+, whose own default is 0 before
+    1.24) and explicit values."""
 
     async def reported(bouncer: PgBouncer) -> int:
         config = await bouncer.show("CONFIG")

@@ -224,6 +224,11 @@ _SAFE_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 _RUNNING: set[PgBouncer] = set()
 
 
+#: ``max_prepared_statements`` for a PgBouncer that has it, unless told otherwise: 1.24's own
+#: default (1.21-1.23 default to 0, tracking off).
+DEFAULT_MAX_PREPARED_STATEMENTS = 200
+
+
 class PgBouncer:
     """One PgBouncer in front of one PostgreSQL database, for one user.
 
@@ -236,8 +241,9 @@ class PgBouncer:
     * ``default_pool_size``: server connections per database and user;
     * ``max_client_conn``: how many clients may connect to PgBouncer at all;
     * ``max_prepared_statements``: 1.21+ only; 0 turns prepared-statement tracking off (the
-      behaviour of every version before 1.21); ``None`` keeps the binary's default (200
-      from 1.24, 0 before);
+      behaviour of every version before 1.21); ``None`` means the course's default:
+      :data:`DEFAULT_MAX_PREPARED_STATEMENTS` (1.24's own default) on every PgBouncer that
+      tracks prepared statements, so that 1.21-1.23 (whose default is 0) behave like 1.24;
     * ``settings``: any other ``[pgbouncer]`` setting, e.g. ``{"max_db_connections": "10"}``.
     """
 
@@ -269,6 +275,8 @@ class PgBouncer:
                     "Build a newer one with `python -m helpers pgbouncer install`, or use "
                     "asyncpg's statement_cache_size=0.")
             max_prepared_statements = None  # 0 is what an old PgBouncer does anyway
+        elif max_prepared_statements is None and self.binary.tracks_prepared_statements:
+            max_prepared_statements = DEFAULT_MAX_PREPARED_STATEMENTS
         self.settings: dict[str, str] = {
             "pool_mode": pool_mode,
             "default_pool_size": str(int(default_pool_size)),
@@ -313,8 +321,7 @@ class PgBouncer:
         """The effective setting: 0 means "not tracked" (always 0 before 1.21)."""
         if not self.binary.tracks_prepared_statements:
             return 0
-        default = 200 if self.binary.version >= (1, 24, 0) else 0
-        return int(self.settings.get("max_prepared_statements", default))
+        return int(self.settings["max_prepared_statements"])  # always set from 1.21
 
     def describe(self) -> str:
         """One line for a notebook: version, port, mode, pool size (no password)."""
