@@ -10,7 +10,8 @@ Notebook 06 uses these tools from here:
 * :class:`FaultProxy`: a small TCP proxy between the pool and PostgreSQL that can do what
   networks do: drop every flow silently (``blackhole()``, a NAT or firewall that forgot an
   idle connection: no FIN, no RST, packets vanish) or reset them (``cut()``).
-* :func:`terminate_when_active` kills the backend that runs a given query, and
+* :func:`executing` lists the backends inside a given query's execution,
+  :func:`terminate_when_active` kills the one that runs it, and
   :func:`outage` measures, from a load run, when errors started and when requests
   succeeded again.
 * :func:`throwaway_roles`: login roles for a demonstration of privileges (on a server where
@@ -304,6 +305,26 @@ class FaultProxy:
 # -- server restarts and outages --------------------------------------------------------------
 
 
+async def executing(conn: asyncpg.Connection, query_like: str, *,
+                    application_name: str | None = None, running_for_s: float = 0.05) -> list[int]:
+    """The pids of the other backends (oldest query first) that have been running a query
+    ``LIKE query_like`` (and, if given, have this ``application_name``) for at least
+    ``running_for_s``: past its parse, inside its execution.
+
+    A backend is ``active``, with the query's text, while it still parses it. A client cut off
+    then (its backend killed, its connection terminated) may be between asyncpg's prepare and
+    execute, and fail with an error of that moment (``InternalClientError``, or an
+    ``AttributeError`` from inside asyncpg) instead of the lost connection a demo shows. Waiting
+    for a query this function reports avoids that moment.
+    """
+    rows = await conn.fetch(
+        "SELECT pid FROM pg_stat_activity WHERE state = 'active' AND query LIKE $1 "
+        "AND ($2::text IS NULL OR application_name = $2) AND pid <> pg_backend_pid() "
+        "AND clock_timestamp() - query_start >= make_interval(secs => $3) "
+        "ORDER BY query_start", query_like, application_name, running_for_s)
+    return [int(r["pid"]) for r in rows]
+
+
 async def terminate_when_active(conn: asyncpg.Connection, query_like: str, *,
                                 application_name: str | None = None, timeout_s: float = 5.0,
                                 poll_s: float = 0.005, running_for_s: float = 0.05) -> int:
@@ -311,11 +332,11 @@ async def terminate_when_active(conn: asyncpg.Connection, query_like: str, *,
     has this ``application_name``) for ``running_for_s``, then terminate it with
     ``pg_terminate_backend``.
 
-    The wait puts the cut inside the query's execution. A backend is ``active`` with the query's
-    text already while it parses it: killed then, the client (asyncpg prepares first) may read
-    the server's goodbye between the prepare and the execute and raise ``InternalClientError``
-    instead of ``ConnectionDoesNotExistError`` (both lost connections; see
-    :func:`helpers.retry.is_connection_lost`), which makes a demo's output depend on timing.
+    The wait puts the cut inside the query's execution (see :func:`executing`): killed while it
+    is parsed, the client may read the server's goodbye between asyncpg's prepare and execute
+    and raise ``InternalClientError`` instead of ``ConnectionDoesNotExistError`` (both lost
+    connections; see :func:`helpers.retry.is_connection_lost`), which makes a demo's output
+    depend on timing.
 
     Returns the terminated backend's pid. ``conn`` needs the rights ``pg_terminate_backend``
     needs: the privileges of the victim's role, or of ``pg_signal_backend`` (a superuser's
@@ -324,13 +345,10 @@ async def terminate_when_active(conn: asyncpg.Connection, query_like: str, *,
     """
     async with asyncio.timeout(timeout_s):
         while True:
-            pid = await conn.fetchval(
-                "SELECT pid FROM pg_stat_activity WHERE state = 'active' AND query LIKE $1 "
-                "AND ($2::text IS NULL OR application_name = $2) AND pid <> pg_backend_pid() "
-                "AND clock_timestamp() - query_start >= make_interval(secs => $3) "
-                "ORDER BY query_start LIMIT 1", query_like, application_name, running_for_s)
-            if pid is not None and await conn.fetchval("SELECT pg_terminate_backend($1)", pid):
-                return int(pid)
+            pids = await executing(conn, query_like, application_name=application_name,
+                                   running_for_s=running_for_s)
+            if pids and await conn.fetchval("SELECT pg_terminate_backend($1)", pids[0]):
+                return pids[0]
             await asyncio.sleep(poll_s)
 
 

@@ -14,6 +14,7 @@ import pytest
 from helpers.failures import (
     FaultProxy,
     LeakDetector,
+    executing,
     outage,
     terminate_when_active,
     throwaway_roles,
@@ -177,6 +178,11 @@ def test_terminate_when_active_kills_the_running_query(target) -> None:
         try:
             t0 = time.perf_counter()
             task = asyncio.ensure_future(victim.fetchval("SELECT pg_sleep(3) /* victim-96 */"))
+            for _ in range(200):  # reported once it has run 50 ms, not while it is parsed
+                if found := await executing(admin, "%victim-96%"):
+                    break
+                await asyncio.sleep(0.01)
+            assert found == [victim.get_server_pid()] and time.perf_counter() - t0 >= 0.05
             pid = await terminate_when_active(admin, "%victim-96%", running_for_s=0.2)
             assert time.perf_counter() - t0 >= 0.2  # killed inside the execution, not the parse
             with pytest.raises(asyncpg.ConnectionDoesNotExistError):
